@@ -1,0 +1,3 @@
+from facecls.cli import main
+
+raise SystemExit(main())
