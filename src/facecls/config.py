@@ -1,0 +1,356 @@
+"""Typed recipe configuration: nested dataclasses, strict YAML loading, ``key=value`` overrides.
+
+A recipe file is the whole description of a training run; every field below can be set in
+the YAML file or overridden on the command line with ``--set section.field=value``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from facecls.errors import FaceclsError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation (the seed notebook's, applied to the training split only)."""
+
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    """RandomResizedCrop area range, taken from the image resized to ``data.resize``."""
+    hflip: float = 0.5
+    """Probability of a horizontal flip."""
+    rotation: float = 15.0
+    """Maximum in-plane rotation in degrees (0 turns it off)."""
+    color_jitter: tuple[float, float, float, float] = (0.2, 0.2, 0.2, 0.1)
+    """Brightness, contrast, saturation, hue jitter (all 0 turns it off)."""
+    grayscale: float = 0.1
+    """Probability of converting to greyscale."""
+
+    def __post_init__(self) -> None:
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"augment.crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        for name in ("hflip", "grayscale"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"augment.{name} is a probability in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass
+class DataConfig:
+    """How images become tensors and how the labelled images are split."""
+
+    input_size: int | None = None
+    """Square input side in pixels; null takes it from the weights' metadata (224 without weights)."""
+    resize: int | None = None
+    """Side the training image is resized to before the random crop; null = input_size * 256 / 224."""
+    mean: tuple[float, float, float] | None = None
+    """Normalisation mean on [0, 1] RGB; null takes it from the weights (ImageNet without weights)."""
+    std: tuple[float, float, float] | None = None
+    """Normalisation std on [0, 1] RGB; null takes it from the weights (ImageNet without weights)."""
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    """Train / val / test fractions of the labelled images (stratified per identity)."""
+    split_seed: int = 42
+    """Seed of the split; same seed + same files gives a byte-identical manifest."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Training augmentation."""
+
+    def __post_init__(self) -> None:
+        if abs(sum(self.split) - 1.0) > 1e-6 or min(self.split) < 0:
+            raise ValueError(f"data.split fractions must be >= 0 and sum to 1, got {list(self.split)}")
+        if self.input_size is not None and self.input_size < 16:
+            raise ValueError(f"data.input_size must be >= 16, got {self.input_size}")
+
+
+@dataclass
+class HeadConfig:
+    """Classification head on the backbone's feature vector."""
+
+    hidden: int | None = None
+    """Hidden width: Linear -> BatchNorm1d -> ReLU -> Dropout -> Linear (the seed notebook: 512);
+    null gives Dropout -> Linear."""
+    dropout: float = 0.5
+    """Dropout probability before the last Linear."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.head.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class ModelConfig:
+    """Which network, which pretrained weights, which head."""
+
+    name: str = "resnet50"
+    """Registered model name (see `facecls models`)."""
+    weights: str = "none"
+    """Named pretrained weights (e.g. imagenet1k_v1, vggface2) or 'none' for random init."""
+    weights_path: str | None = None
+    """Local weights file (.pt/.pth/.safetensors/.onnx) used instead of the cache or a download."""
+    weights_sha256: str | None = None
+    """Expected SHA-256 of the weights file; a mismatch is refused."""
+    head: HeadConfig = field(default_factory=HeadConfig)
+    """Classification head."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer settings."""
+
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    """Optimizer."""
+    lr: float = 1e-3
+    """Learning rate while the backbone is frozen (and after, unless finetune_lr is set)."""
+    finetune_lr: float | None = None
+    """Learning rate from the epoch the backbone is unfrozen (InceptionResNetV1 recipe: 5e-4)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam/AdamW betas."""
+    weight_decay: float = 0.0
+    """Weight decay (decoupled for AdamW)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule, stepped once per epoch."""
+
+    name: Literal["plateau", "cosine", "none"] = "plateau"
+    """ReduceLROnPlateau on validation accuracy, cosine annealing, or a constant lr."""
+    factor: float = 0.5
+    """Plateau: multiply the lr by this when validation accuracy stalls."""
+    patience: int = 2
+    """Plateau: epochs without improvement before reducing."""
+    min_lr: float = 0.0
+    """Lower bound of the lr."""
+
+
+@dataclass
+class TrainConfig:
+    """The training schedule."""
+
+    epochs: int = 10
+    """Total epochs, frozen ones included."""
+    frozen_epochs: int = 0
+    """Epochs at the start that train the head only."""
+    unfreeze: Literal["all", "last_params", "last_blocks"] = "all"
+    """After the frozen epochs, train everything, the last N parameter tensors of the whole model
+    (the seed's meaning of "the last N layers"; the head counts), or the last N backbone blocks."""
+    unfreeze_last_n: int = 0
+    """N for unfreeze: last_params / last_blocks."""
+    batch_size: int = 64
+    """Global batch size (over all processes and accumulation steps)."""
+    grad_accum: int = 1
+    """Gradient accumulation steps per optimizer step."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+    seed: int = 0
+    """Seed of initialisation, data order, augmentation and dropout."""
+    max_steps_per_epoch: int | None = None
+    """Cut each epoch after this many optimizer steps (for quick tries)."""
+    checkpoint_every: int = 0
+    """Also save last.ckpt every N optimizer steps within an epoch (0: at epoch end only)."""
+    sync_bn: bool = False
+    """Use SyncBatchNorm when training on several processes."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"train.epochs must be >= 1, got {self.epochs}")
+        if not 0 <= self.frozen_epochs <= self.epochs:
+            raise ValueError(f"train.frozen_epochs must be in [0, epochs={self.epochs}], got {self.frozen_epochs}")
+        if self.unfreeze != "all" and self.unfreeze_last_n < 1:
+            raise ValueError(f"train.unfreeze={self.unfreeze} needs train.unfreeze_last_n >= 1")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("train.batch_size and train.grad_accum must be >= 1")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass
+class SpeedConfig:
+    """Speed switches; each can be turned off. The run folder records which were on."""
+
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 where the CPU/GPU supports it, fp16 + grad scaler on older GPUs, else fp32."""
+    channels_last: bool = True
+    """Use the channels_last memory format for the model and its inputs."""
+    compile: bool = False
+    """torch.compile the model."""
+    decoded_cache: bool = True
+    """Decode and resize every image once into a memory-mapped uint8 cache."""
+    workers: int | None = None
+    """DataLoader worker processes; null picks from the machine."""
+    pin_memory: bool | None = None
+    """Pinned host memory for GPU transfers; null picks (on for CUDA)."""
+
+
+@dataclass
+class Recipe:
+    """A complete, reproducible training recipe."""
+
+    name: str = "custom"
+    """Short name of the recipe (used in tables)."""
+    description: str = ""
+    """What the recipe is and where its settings come from."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def _check_value(value: Any, hint: Any, where: str) -> Any:
+    """Convert ``value`` to the annotated type or raise a ValueError naming ``where``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_value(value, option, where)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ValueError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin is tuple:
+        items = typing.get_args(hint)
+        if not isinstance(value, list | tuple) or len(value) != len(items):
+            raise ValueError(f"{where}: expected a list of {len(items)} values, got {value!r}")
+        return tuple(_check_value(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, items)))
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return _build(hint, value, where)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} at {where}")
+
+
+def _build(cls: type, values: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ValueError(f"unknown key '{prefix}{unknown[0]}' (valid keys: {', '.join(sorted(names))})")
+    kwargs = {}
+    for key, value in values.items():
+        kwargs[key] = _check_value(value, hints[key], f"{where}.{key}" if where else key)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def recipe_from_dict(values: dict) -> Recipe:
+    """Build a Recipe from a plain dict; unknown keys and bad values raise FaceclsError."""
+    try:
+        return _build(Recipe, values, "")
+    except ValueError as exc:
+        raise FaceclsError(f"bad recipe: {exc}") from None
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """A plain, YAML/JSON-friendly dict (tuples become lists)."""
+
+    def plain(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: plain(v) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return [plain(v) for v in obj]
+        return obj
+
+    return plain(dataclasses.asdict(recipe))
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    """A recipe file path, or the name of a bundled recipe (``resnet50`` -> recipes/resnet50.yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = RECIPES_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if bundled.is_file():
+        return bundled
+    names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+    raise FaceclsError(f"recipe '{name_or_path}' not found: give a YAML file or one of: {names}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.field=value`` (value in YAML syntax) into a key path and a value."""
+    if "=" not in text:
+        raise FaceclsError(f"bad override '{text}': use section.field=value, e.g. train.epochs=3")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply ``--set`` overrides to a raw recipe dict (before validation)."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = values
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise FaceclsError(f"bad override '{text}': '{key}' is not a section")
+            node = child
+        node[keys[-1]] = value
+    return values
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe file strictly and apply command-line overrides."""
+    path = resolve_recipe_path(name_or_path)
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise FaceclsError(f"recipe {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(values, dict):
+        raise FaceclsError(f"recipe {path} must be a YAML mapping of sections")
+    values = apply_overrides(values, overrides or [])
+    try:
+        return _build(Recipe, values, "")
+    except ValueError as exc:
+        raise FaceclsError(f"bad recipe {path.name}: {exc}") from None

@@ -1,0 +1,154 @@
+"""A run's data: scan -> split manifest -> decode (cache) -> per-split datasets and loaders."""
+
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from facecls.config import AugmentConfig, DataConfig
+from facecls.data.datasets import EpochSampler, FaceImages, shard
+from facecls.data.images import DecodedCache, UnreadableImage, open_rgb
+from facecls.data.scan import SkippedFile, find_labelled_images
+from facecls.data.split import ManifestRow, class_names_from, read_manifest, stratified_split
+from facecls.data.transforms import train_transform
+from facecls.distributed import DistEnv, barrier
+from facecls.errors import FaceclsError
+from facecls.runs import Preprocess
+from facecls.speed import Runtime
+
+
+def make_manifest(root: Path, data: DataConfig, manifest: Path | None = None) -> tuple[list[ManifestRow], list[SkippedFile]]:
+    """The split: read from ``manifest`` when given, else a fresh seeded stratified split."""
+    if manifest is not None:
+        rows = read_manifest(manifest)
+        missing = [r.path for r in rows if not (root / r.path).is_file()]
+        if missing:
+            raise FaceclsError(
+                f"{len(missing)} files of manifest {manifest} are missing under {root} "
+                f"(first: {missing[0]}); is it the same data folder?"
+            )
+        return rows, []
+    train, val, skipped = find_labelled_images(root)
+    return stratified_split(train, data.split, data.split_seed, fixed_val=val), skipped
+
+
+def _check_one(path: str) -> str | None:
+    try:
+        open_rgb(path)
+    except UnreadableImage as exc:
+        return str(exc)
+    return None
+
+
+def find_unreadable(paths: list[Path], workers: int) -> dict[int, str]:
+    """Decode every file once (no cache kept) and return {index: error} for the unreadable ones."""
+    names = [str(p) for p in paths]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(_check_one, names, chunksize=64))
+    else:
+        results = [_check_one(n) for n in names]
+    return {i: err for i, err in enumerate(results) if err is not None}
+
+
+@dataclass
+class SplitData:
+    """Per-split datasets for a run, and the files that were left out (with reasons)."""
+
+    class_names: list[str]
+    datasets: dict[str, FaceImages] = field(default_factory=dict)
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+
+def build_datasets(
+    root: Path,
+    rows: list[ManifestRow],
+    preprocess: Preprocess,
+    augment: AugmentConfig,
+    *,
+    use_cache: bool,
+    cache_root: Path,
+    workers: int,
+    env: DistEnv,
+    splits: tuple[str, ...] = ("train", "val", "test"),
+    class_names: list[str] | None = None,
+) -> SplitData:
+    """Decode each split once (rank 0 builds the cache, the others wait and open it)."""
+    class_names = class_names or class_names_from(rows)
+    class_index = {name: i for i, name in enumerate(class_names)}
+    out = SplitData(class_names)
+    for split in splits:
+        split_rows = [r for r in rows if r.split == split]
+        if not split_rows:
+            continue
+        unknown = [r.identity for r in split_rows if r.identity not in class_index]
+        if unknown:
+            raise FaceclsError(f"identity '{unknown[0]}' in the {split} split is not one of the run's classes")
+        paths = [root / r.path for r in split_rows]
+        size = preprocess.resize if split == "train" else preprocess.input_size
+        cache = None
+        if use_cache:
+            if env.is_main:
+                cache = DecodedCache.build(cache_root, paths, size, workers=max(1, workers))
+            barrier(env)
+            if cache is None:
+                cache = DecodedCache.build(cache_root, paths, size, workers=1)
+            errors = cache.errors
+        else:
+            errors = find_unreadable(paths, max(1, workers)) if env.is_main else {}
+            errors = _broadcast(env, errors)
+        keep = [i for i in range(len(split_rows)) if i not in errors]
+        out.skipped += [SkippedFile(split_rows[i].path, f"unreadable image: {errors[i]}") for i in sorted(errors)]
+        transform = train_transform(preprocess.input_size, augment) if split == "train" else None
+        out.datasets[split] = FaceImages(
+            [paths[i] for i in keep],
+            [class_index[split_rows[i].identity] for i in keep],
+            size,
+            transform=transform,
+            cache=cache,
+            cache_rows=keep,
+        )
+    return out
+
+
+def _broadcast(env: DistEnv, obj):
+    from facecls.distributed import broadcast_object
+
+    return broadcast_object(env, obj)
+
+
+def loader_kwargs(runtime: Runtime) -> dict:
+    kwargs = {"num_workers": runtime.workers, "pin_memory": runtime.pin_memory}
+    if runtime.workers > 0:
+        kwargs.update(persistent_workers=True, prefetch_factor=4)
+    return kwargs
+
+
+def train_loader(dataset: FaceImages, batch_size: int, seed: int, env: DistEnv, runtime: Runtime) -> DataLoader:
+    """Shuffled, sharded, resumable (``loader.sampler.set_epoch(epoch, start)``) training batches."""
+    sampler = EpochSampler(list(range(len(dataset))), seed, env.rank, env.world_size)
+    # A private generator: creating an iterator must not consume the global RNG (exact resume).
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=False,
+        generator=torch.Generator().manual_seed(seed),
+        **loader_kwargs(runtime),
+    )
+
+
+def eval_loader(dataset, batch_size: int, env: DistEnv, runtime: Runtime) -> DataLoader:
+    """In-order batches of this process's shard (no padding, so nothing is counted twice)."""
+    indices = shard(list(range(len(dataset))), env.rank, env.world_size)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=indices,
+        generator=torch.Generator().manual_seed(0),
+        **{**loader_kwargs(runtime), "persistent_workers": False},
+    )

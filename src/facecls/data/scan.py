@@ -1,0 +1,122 @@
+"""Folders -> samples: find identity folders and image files, and account for everything left out."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from facecls.errors import FaceclsError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".tif", ".tiff"})
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image: its path relative to the data root and its identity (folder name)."""
+
+    path: str
+    identity: str
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file that is not used, and why."""
+
+    path: str
+    reason: str
+
+
+def is_hidden(name: str) -> bool:
+    """Hidden files and macOS resource forks (.DS_Store, ._IMG_1.jpg)."""
+    return name.startswith(".")
+
+
+def is_image_name(name: str) -> bool:
+    return not is_hidden(name) and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def scan_identity_folders(root: Path, subdir: str) -> tuple[list[Sample], list[SkippedFile]]:
+    """All images under ``root/subdir/<identity>/``, sorted; plus every file that is not used.
+
+    Files without an image extension, hidden files and stray files at the top level are listed as
+    skipped (never silently dropped). Readability is checked later, when images are decoded.
+    """
+    base = root / subdir
+    samples: list[Sample] = []
+    skipped: list[SkippedFile] = []
+    for entry in sorted(base.iterdir(), key=lambda p: p.name):
+        rel = f"{subdir}/{entry.name}"
+        if not entry.is_dir():
+            skipped.append(SkippedFile(rel, "not inside an identity folder"))
+            continue
+        if is_hidden(entry.name):
+            skipped.append(SkippedFile(rel + "/", "hidden folder"))
+            continue
+        found = 0
+        for file in sorted(entry.rglob("*"), key=lambda p: p.as_posix()):
+            if file.is_dir():
+                continue
+            file_rel = f"{rel}/{file.relative_to(entry).as_posix()}"
+            if is_hidden(file.name):
+                skipped.append(SkippedFile(file_rel, "hidden file"))
+            elif file.suffix.lower() not in IMAGE_EXTENSIONS:
+                skipped.append(SkippedFile(file_rel, f"not an image extension ({file.suffix or 'none'})"))
+            else:
+                samples.append(Sample(file_rel, entry.name))
+                found += 1
+        if found == 0:
+            skipped.append(SkippedFile(rel + "/", "identity folder without images (identity left out)"))
+    return samples, skipped
+
+
+def find_labelled_images(root: Path) -> tuple[list[Sample], list[Sample], list[SkippedFile]]:
+    """Scan ``root/train`` (and ``root/val`` when it exists).
+
+    Returns (train_samples, val_samples, skipped). Raises FaceclsError when the layout is wrong.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FaceclsError(f"data folder {root} does not exist")
+    if not (root / "train").is_dir():
+        raise FaceclsError(
+            f"{root} has no train/ folder: expected {root}/train/<identity>/<image> "
+            "(and optionally val/<identity>/... and a flat test/)"
+        )
+    train, skipped = scan_identity_folders(root, "train")
+    val: list[Sample] = []
+    if (root / "val").is_dir():
+        val, val_skipped = scan_identity_folders(root, "val")
+        skipped += val_skipped
+    if not train:
+        raise FaceclsError(f"no images found under {root}/train/<identity>/ (extensions: {_ext_list()})")
+    return train, val, skipped
+
+
+def list_flat_images(folder: Path) -> tuple[list[Path], list[SkippedFile]]:
+    """Image files directly inside ``folder`` (a Kaggle-style flat test folder), sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FaceclsError(f"image folder {folder} does not exist")
+    images, skipped = [], []
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if entry.is_dir():
+            skipped.append(SkippedFile(entry.name + "/", "folder inside a flat image folder"))
+        elif is_image_name(entry.name):
+            images.append(entry)
+        else:
+            skipped.append(SkippedFile(entry.name, "hidden file" if is_hidden(entry.name) else "not an image"))
+    if not images:
+        raise FaceclsError(f"no images found in {folder} (extensions: {_ext_list()})")
+    return images, skipped
+
+
+def write_skipped(path: Path, skipped: list[SkippedFile]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "reason"])
+        writer.writerows((s.path, s.reason) for s in skipped)
+
+
+def _ext_list() -> str:
+    return " ".join(sorted(IMAGE_EXTENSIONS))

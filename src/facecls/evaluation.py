@@ -1,0 +1,140 @@
+"""``facecls evaluate``: a run's checkpoint on its val or test split -> metrics files."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from facecls import runs
+from facecls.checkpoint import load_checkpoint
+from facecls.config import Recipe
+from facecls.console import Console
+from facecls.data.pipeline import build_datasets, eval_loader
+from facecls.data.split import read_manifest
+from facecls.data.transforms import Normalize
+from facecls.distributed import DistEnv, init_distributed
+from facecls.engine import evaluate
+from facecls.errors import FaceclsError
+from facecls.models.registry import FaceClassifier, create_model
+from facecls.runs import Preprocess
+from facecls.speed import Runtime, resolve_runtime
+
+
+@dataclass
+class LoadedRun:
+    """A trained run ready for inference."""
+
+    run: Path
+    recipe: Recipe
+    info: dict
+    class_names: list[str]
+    preprocess: Preprocess
+    model: FaceClassifier
+    runtime: Runtime
+    normalize: Normalize
+    checkpoint: dict
+
+
+def load_run(run: Path, checkpoint: str = "best", device: str | None = None, local_rank: int = 0) -> LoadedRun:
+    """Read a run folder and build its model from ``best.ckpt`` (or ``last``, or a file path)."""
+    run = Path(run)
+    if not run.is_dir():
+        raise FaceclsError(f"run folder {run} does not exist")
+    recipe = runs.read_run_recipe(run)
+    info = runs.read_run_info(run)
+    ckpt_path = Path(checkpoint) if checkpoint not in ("best", "last") else run / f"{checkpoint}.ckpt"
+    if checkpoint == "best" and not ckpt_path.exists() and (run / "last.ckpt").exists():
+        ckpt_path = run / "last.ckpt"
+    state = load_checkpoint(ckpt_path)
+    class_names = json.loads((run / "classes.json").read_text(encoding="utf-8"))["class_names"]
+    if list(state["class_names"]) != class_names:
+        raise FaceclsError(f"checkpoint {ckpt_path} was trained on another class list than run {run}")
+    if state.get("model_name", recipe.model.name) != recipe.model.name:
+        raise FaceclsError(f"checkpoint {ckpt_path} holds a {state['model_name']}, the run is a {recipe.model.name}")
+    preprocess = Preprocess.from_dict(info["preprocess"])
+    runtime = resolve_runtime(recipe.speed, device, local_rank)
+    if runtime.device == "cpu":
+        torch.set_num_threads(runtime.threads)
+    model = create_model(recipe.model.name, len(class_names), recipe.model.head)
+    weights = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state["model"].items()}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise FaceclsError(f"checkpoint {ckpt_path} does not fit model {recipe.model.name}: {str(exc)[:200]}") from None
+    memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
+    model = model.to(runtime.device, memory_format=memory_format).eval()
+    normalize = Normalize(preprocess.mean, preprocess.std, runtime.channels_last).to(runtime.device)
+    return LoadedRun(run, recipe, info, class_names, preprocess, model, runtime, normalize, state)
+
+
+def evaluate_run(
+    run: Path,
+    split: str = "val",
+    *,
+    checkpoint: str = "best",
+    batch_size: int | None = None,
+    env: DistEnv | None = None,
+    console: Console | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Top-1, top-5, loss, count (+ per-class accuracy CSV); writes ``RUN/eval_<split>.json``."""
+    env = env or init_distributed()
+    console = console or Console(enabled=env.is_main)
+    loaded = load_run(run, checkpoint, local_rank=env.local_rank)
+    rows = read_manifest(Path(run) / "split.csv")
+    if not any(r.split == split for r in rows):
+        raise FaceclsError(f"run {run} has no '{split}' images in its split")
+    from facecls.download import cache_dir
+
+    data = build_datasets(
+        Path(loaded.info["data_dir"]),
+        rows,
+        loaded.preprocess,
+        loaded.recipe.data.augment,
+        use_cache=loaded.recipe.speed.decoded_cache,
+        cache_root=cache_dir() / "decoded",
+        workers=max(1, loaded.runtime.threads),
+        env=env,
+        splits=(split,),
+        class_names=loaded.class_names,
+    )
+    dataset = data.datasets[split]
+    batch = batch_size or max(1, loaded.recipe.train.batch_size * 2 // env.world_size)
+    loader = eval_loader(dataset, batch, env, loaded.runtime)
+    preds = evaluate(loaded.model, loader, loaded.runtime, loaded.normalize, env)
+    metrics = preds.metrics(len(loaded.class_names))
+    result = {
+        "split": split,
+        **metrics,
+        "unreadable_skipped": len(data.skipped),
+        "checkpoint": checkpoint,
+        "epoch": int(loaded.checkpoint["epoch"]),
+        "model": loaded.recipe.model.name,
+        "recipe": loaded.recipe.name,
+    }
+    if env.is_main:
+        _write_per_class(Path(run) / f"per_class_{split}.csv", preds, loaded.class_names)
+        runs.write_json(Path(run) / f"eval_{split}.json", result)
+        if not quiet:
+            console.print_result(
+                f"{split}: top-1 {100 * metrics['top1']:.2f}%  top-5 {100 * metrics['top5']:.2f}%  "
+                f"loss {metrics['loss']:.4f}  ({metrics['count']} images)"
+            )
+    return result
+
+
+def _write_per_class(path: Path, preds, class_names: list[str]) -> None:
+    n = len(class_names)
+    totals = np.bincount(preds.labels, minlength=n)
+    correct = np.bincount(preds.labels[preds.top5[:, 0] == preds.labels], minlength=n)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["identity", "count", "correct", "accuracy"])
+        for i, name in enumerate(class_names):
+            if totals[i]:
+                writer.writerow([name, int(totals[i]), int(correct[i]), round(correct[i] / totals[i], 6)])

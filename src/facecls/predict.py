@@ -1,0 +1,167 @@
+"""``facecls predict``: a trained run on a flat folder of images -> Kaggle submission CSV."""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from facecls.console import Console
+from facecls.data.datasets import ImageFiles, shard
+from facecls.data.pipeline import loader_kwargs
+from facecls.data.scan import list_flat_images
+from facecls.distributed import gather_objects, init_distributed
+from facecls.errors import FaceclsError
+from facecls.evaluation import load_run
+
+
+@dataclass
+class PredictSummary:
+    out: Path
+    rows: int
+    skipped: list[str] = field(default_factory=list)
+    no_face: list[str] = field(default_factory=list)
+
+
+def quick_check(paths: list[Path]) -> list[str]:
+    """Names of files whose header does not parse as an image (a cheap up-front check)."""
+    bad = []
+    for path in paths:
+        try:
+            if path.stat().st_size == 0:
+                raise OSError("empty file")
+            with Image.open(path) as img:
+                img.verify()
+        except Exception:  # noqa: BLE001 - any failure to parse means "unreadable"
+            bad.append(path.name)
+    return bad
+
+
+def _list_for_error(names: list[str]) -> str:
+    shown = ", ".join(names[:10])
+    return shown + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+
+
+class _DetectLoader:
+    """Detect + align each photo (lazily building one detector per worker process)."""
+
+    def __init__(self, detector: Path | None, margin: float):
+        self.detector, self.margin, self.aligner = detector, margin, None
+
+    def __call__(self, path: Path, size: int):
+        from facecls.data.images import open_rgb, resize_square
+        from facecls.faces.prepare import FaceAligner
+
+        if self.aligner is None:
+            self.aligner = FaceAligner(size=size, margin=self.margin, detector=self.detector)
+        img = open_rgb(path)
+        crop, _report = self.aligner(img)
+        if crop is None:
+            return resize_square(img, size), "no-face"
+        return crop, "ok"
+
+
+def predict_folder(
+    run: Path,
+    images: Path,
+    out: Path,
+    *,
+    checkpoint: str = "best",
+    skip_unreadable: bool = False,
+    detect: bool = False,
+    detector: Path | None = None,
+    margin: float = 0.0,
+    batch_size: int = 128,
+    progress: bool = True,
+) -> PredictSummary:
+    """One row per image (``image_name,label``), sorted by name. Rows stream to the file, so memory
+    does not grow with the folder. Unreadable images fail the run up front unless skipped."""
+    env = init_distributed()
+    console = Console(enabled=env.is_main, progress=progress)
+    loaded = load_run(run, checkpoint, local_rank=env.local_rank)
+    paths, _ = list_flat_images(images)
+    bad = quick_check(paths) if env.is_main else []
+    if bad and not skip_unreadable:
+        raise FaceclsError(
+            f"{len(bad)} of {len(paths)} images in {images} are unreadable ({_list_for_error(bad)}); "
+            "fix or remove them, or pass --skip-unreadable to leave them out of the submission"
+        )
+    loader_fn = _DetectLoader(detector, margin) if detect else None
+    dataset = ImageFiles(paths, loaded.preprocess.input_size, loader_fn)
+    indices = shard(list(range(len(paths))), env.rank, env.world_size)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, **{**loader_kwargs(loaded.runtime), "persistent_workers": False})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    skipped, no_face, written = [], [], 0
+    bar = console.progress("predict", len(indices))
+    local_rows: list[tuple[int, str]] = []
+    handle = open(tmp, "w", newline="", encoding="utf-8") if env.is_main and not env.enabled else None
+    writer = csv.writer(handle) if handle else None
+    if writer:
+        writer.writerow(["image_name", "label"])
+    try:
+        with torch.inference_mode():
+            for images_u8, idx, status in loader:
+                x = loaded.normalize(images_u8)
+                with loaded.runtime.autocast():
+                    pred = loaded.model(x).argmax(1).cpu().tolist()
+                for i, p, s in zip(idx.tolist(), pred, status):
+                    name = paths[i].name
+                    if s == "unreadable":
+                        skipped.append(name)
+                        continue
+                    if s == "no-face":
+                        no_face.append(name)
+                    if writer:
+                        writer.writerow([name, loaded.class_names[p]])
+                        written += 1
+                    else:
+                        local_rows.append((i, loaded.class_names[p]))
+                bar.advance(len(pred))
+        bar.close()
+        if env.enabled:
+            parts = gather_objects(env, (local_rows, skipped, no_face))
+            if env.is_main:
+                merged = sorted(r for part in parts for r in part[0])
+                skipped = sorted(n for part in parts for n in part[1])
+                no_face = sorted(n for part in parts for n in part[2])
+                with open(tmp, "w", newline="", encoding="utf-8") as h:
+                    w = csv.writer(h)
+                    w.writerow(["image_name", "label"])
+                    for i, label in merged:
+                        w.writerow([paths[i].name, label])
+                written = len(merged)
+    finally:
+        if handle:
+            handle.close()
+    if not env.is_main:
+        return PredictSummary(out, 0)
+    if skipped and not skip_unreadable:
+        tmp.unlink(missing_ok=True)
+        raise FaceclsError(
+            f"{len(skipped)} images could not be decoded ({_list_for_error(skipped)}); nothing written. "
+            "Pass --skip-unreadable to leave them out."
+        )
+    os.replace(tmp, out)
+    summary = PredictSummary(out, written, skipped, no_face)
+    if detect:
+        report = out.with_name(out.stem + "_detect_report.csv")
+        no_face_set, skipped_set = set(no_face), set(skipped)
+        with open(report, "w", newline="", encoding="utf-8") as h:
+            w = csv.writer(h)
+            w.writerow(["image_name", "status"])
+            for p in paths:
+                status = "unreadable" if p.name in skipped_set else "no-face (centre crop)" if p.name in no_face_set else "aligned"
+                w.writerow([p.name, status])
+        console.log(f"detection: {len(paths) - len(no_face) - len(skipped)} aligned, {len(no_face)} without a face "
+                    f"(predicted on a centre crop); see {report}")
+    if skipped:
+        console.warn(f"skipped {len(skipped)} unreadable images: {_list_for_error(skipped)}")
+    console.log(f"wrote {written} rows to {out}")
+    return summary

@@ -1,0 +1,159 @@
+"""The run folder: what a training run writes and what evaluate/predict/compare read back.
+
+RUN/
+  config.yaml        resolved recipe          run.json       data dir, preprocessing, weights, env
+  split.csv          split manifest           classes.json   class names (index = position)
+  metrics.csv        per-epoch metrics        curves.png     loss / accuracy / lr per epoch
+  last.ckpt best.ckpt                         skipped_files.csv
+  eval_<split>.json  per_class_<split>.csv    (from evaluate)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from facecls import __version__
+from facecls.config import Recipe, recipe_from_dict, recipe_to_dict
+from facecls.errors import FaceclsError
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images become model inputs; fixed per run so evaluate and predict match training."""
+
+    input_size: int
+    resize: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def as_dict(self) -> dict:
+        return {"input_size": self.input_size, "resize": self.resize, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        return cls(int(d["input_size"]), int(d["resize"]), tuple(d["mean"]), tuple(d["std"]))
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment() -> dict:
+    import numpy
+    import torch
+    import torchvision
+
+    return {
+        "facecls": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "git_revision": git_revision(),
+        "ld_preload": os.environ.get("LD_PRELOAD", ""),
+        "command": sys.argv,
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = Path(path).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_config(run: Path, recipe: Recipe) -> None:
+    (run / "config.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), encoding="utf-8")
+
+
+def read_run_recipe(run: Path) -> Recipe:
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise FaceclsError(f"{run} is not a facecls run folder (no config.yaml); train one with `facecls train`")
+    return recipe_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))
+
+
+def read_run_info(run: Path) -> dict:
+    path = run / "run.json"
+    if not path.is_file():
+        raise FaceclsError(f"{run} is not a facecls run folder (no run.json)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def append_metrics(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def truncate_metrics(path: Path, epochs_done: int) -> None:
+    """On resume, drop rows for epochs after the checkpoint (they will be trained again)."""
+    rows = [r for r in read_metrics(path) if int(r["epoch"]) <= epochs_done]
+    if path.exists():
+        path.unlink()
+    for row in rows:
+        append_metrics(path, row)
+
+
+def plot_curves(metrics_csv: Path, out_png: Path) -> None:
+    """train/val loss and accuracy, and the learning rate, per epoch."""
+    rows = read_metrics(metrics_csv)
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [int(r["epoch"]) for r in rows]
+
+    def col(name: str) -> list[float]:
+        return [float(r[name]) if r.get(name) not in (None, "") else float("nan") for r in rows]
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(epochs, col("train_loss"), "o-", label="train")
+    axes[0].plot(epochs, col("val_loss"), "o-", label="val")
+    axes[0].set_title("loss")
+    axes[1].plot(epochs, [100 * v for v in col("train_acc")], "o-", label="train")
+    axes[1].plot(epochs, [100 * v for v in col("val_acc")], "o-", label="val")
+    axes[1].set_title("top-1 accuracy (%)")
+    axes[2].plot(epochs, col("lr"), "o-")
+    axes[2].set_yscale("log")
+    axes[2].set_title("learning rate")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
