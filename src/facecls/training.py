@@ -63,10 +63,10 @@ def load_pretrained(model: FaceClassifier, recipe: Recipe, offline: bool, consol
 
 def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
     """The backbone's top-level children that hold parameters, in forward order ("blocks")."""
-    children = list(backbone.children())
+    children = [c for c in backbone.children() if any(True for _ in c.parameters())]
     if len(children) == 1 and isinstance(children[0], nn.Sequential):  # e.g. MobileNetV2.features
-        children = list(children[0].children())
-    return [c for c in children if any(True for _ in c.parameters())]
+        children = [c for c in children[0].children() if any(True for _ in c.parameters())]
+    return children
 
 
 def set_phase(model: FaceClassifier, frozen: bool, train: TrainConfig) -> None:
