@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from facecls.console import Console
 from facecls.data.datasets import ImageFiles, shard
+from facecls.data.images import UnreadableImage, check_decodes
 from facecls.data.pipeline import loader_kwargs
 from facecls.data.scan import list_flat_images
 from facecls.distributed import gather_objects, init_distributed
@@ -29,15 +29,13 @@ class PredictSummary:
 
 
 def quick_check(paths: list[Path]) -> list[str]:
-    """Names of files whose header does not parse as an image (a cheap up-front check)."""
+    """Names of files that do not decode as images. Each file is decoded up front (a header check
+    passes truncated JPEGs), so a bad file fails the command before any work is done."""
     bad = []
     for path in paths:
         try:
-            if path.stat().st_size == 0:
-                raise OSError("empty file")
-            with Image.open(path) as img:
-                img.verify()
-        except Exception:  # noqa: BLE001 - any failure to parse means "unreadable"
+            check_decodes(path)
+        except UnreadableImage:
             bad.append(path.name)
     return bad
 
@@ -55,7 +53,7 @@ class _DetectLoader:
 
     def __call__(self, path: Path, size: int):
         from facecls.data.images import open_rgb, resize_square
-        from facecls.faces.prepare import FaceAligner
+        from facecls.faces.align import FaceAligner
 
         if self.aligner is None:
             self.aligner = FaceAligner(size=size, margin=self.margin, detector=self.detector)
