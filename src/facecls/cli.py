@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -131,13 +133,37 @@ def _train_overrides(args) -> list[str]:
     return overrides
 
 
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """``facecls train --nproc N ...``: the same command under torchrun, N processes on this machine.
+    Ctrl-C reaches torchrun and its workers directly (one process group), so this process only waits
+    for them; a SIGTERM sent to it is passed on to torchrun."""
+    # --nproc must go: torchrun's own parser would take it for an ambiguous --nproc-per-node/--nproc_per_node
+    rest = [a for i, a in enumerate(argv) if a != "--nproc" and (i == 0 or argv[i - 1] != "--nproc")]
+    rest = [a for a in rest if not a.startswith("--nproc=")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "facecls", *rest]
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:  # torchrun would set 1; facecls sets each worker's threads itself
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        env["OMP_NUM_THREADS"] = str(max(1, cores // nproc))
+    proc = subprocess.Popen(command, env=env)
+    try:
+        previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                    signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))}
+    except ValueError:  # not the main thread: no handlers to set
+        previous = {}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def cmd_train(args, argv: list[str]) -> int:
+    if args.nproc is not None and args.nproc < 1:
+        raise FaceclsError(f"--nproc must be >= 1, got {args.nproc}")
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        rest = [a for i, a in enumerate(argv) if a != "--nproc" and (i == 0 or argv[i - 1] != "--nproc")]
-        rest = [a for a in rest if not a.startswith("--nproc=")]
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                   "-m", "facecls", *rest]
-        return subprocess.call(command)
+        return launch_torchrun(args.nproc, argv)
     from facecls.config import load_recipe
     from facecls.training import train
 
@@ -234,6 +260,15 @@ def run_command(args, argv: list[str]) -> int:
     raise AssertionError(args.command)
 
 
+def _leave_process_group() -> None:
+    """After a command that ran under torchrun: leave the process group cleanly (NCCL asks for it)."""
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     real_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -242,10 +277,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return run_command(args, argv)
+        code = run_command(args, argv)
+        _leave_process_group()
+        return code
     except FaceclsError as exc:
         print(f"facecls: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("facecls: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk is the machine's state, not a bug: one line, not a traceback
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"facecls: error: disk full{where}: free space, then run the command again "
+              "(a training run continues with --resume RUN)", file=sys.stderr)
+        return 2

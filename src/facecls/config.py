@@ -193,8 +193,16 @@ class SpeedConfig:
     """Decode and resize every image once into a memory-mapped uint8 cache."""
     workers: int | None = None
     """DataLoader worker processes; null picks from the machine."""
+    threads: int | None = None
+    """CPU compute threads (torch.set_num_threads); null picks from the machine and the workers."""
     pin_memory: bool | None = None
     """Pinned host memory for GPU transfers; null picks (on for CUDA)."""
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"speed.workers must be >= 0 (or null), got {self.workers}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"speed.threads must be >= 1 (or null), got {self.threads}")
 
 
 @dataclass

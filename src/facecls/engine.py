@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from facecls.distributed import DistEnv, all_reduce_sum, gather_objects
+from facecls.distributed import DistEnv, all_reduce_sum, broadcast_buffers, gather_objects
 from facecls.speed import Runtime
 
 
@@ -126,7 +126,9 @@ class Predictions:
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, runtime: Runtime, normalize: nn.Module, env: DistEnv) -> Predictions:
     """Evaluate this process's shard, gather every shard on all processes, return per-sample results
-    sorted by dataset index (each sample counted once: shards are not padded)."""
+    sorted by dataset index (each sample counted once: shards are not padded). Every process uses rank
+    0's BatchNorm statistics, the ones its checkpoint holds."""
+    broadcast_buffers(env, model)
     model.eval()
     parts = []
     for images, labels, indices in loader:
@@ -141,7 +143,7 @@ def evaluate(model: nn.Module, loader, runtime: Runtime, normalize: nn.Module, e
             top = torch.cat([top, top[:, :1].expand(-1, 5 - k)], dim=1)
         parts.append((indices.numpy(), labels.numpy(), top.cpu().numpy(), losses.cpu().numpy()))
     if parts:
-        local = [np.concatenate(column) for column in zip(*parts)]
+        local = [np.concatenate(column) for column in zip(*parts, strict=True)]
     else:
         local = [np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 5), np.int64), np.zeros(0, np.float32)]
     gathered = gather_objects(env, local)

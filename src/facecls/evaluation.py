@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from facecls import runs
-from facecls.checkpoint import load_checkpoint
+from facecls.checkpoint import load_checkpoint, load_model_state
 from facecls.config import Recipe
 from facecls.console import Console
 from facecls.data.pipeline import build_datasets, eval_loader
@@ -61,11 +61,7 @@ def load_run(run: Path, checkpoint: str = "best", device: str | None = None, loc
     if runtime.device == "cpu":
         torch.set_num_threads(runtime.threads)
     model = create_model(recipe.model.name, len(class_names), recipe.model.head)
-    weights = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state["model"].items()}
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise FaceclsError(f"checkpoint {ckpt_path} does not fit model {recipe.model.name}: {str(exc)[:200]}") from None
+    load_model_state(model, state["model"], ckpt_path)
     memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
     model = model.to(runtime.device, memory_format=memory_format).eval()
     normalize = Normalize(preprocess.mean, preprocess.std, runtime.channels_last).to(runtime.device)
@@ -132,7 +128,7 @@ def _write_per_class(path: Path, preds, class_names: list[str]) -> None:
     n = len(class_names)
     totals = np.bincount(preds.labels, minlength=n)
     correct = np.bincount(preds.labels[preds.top5[:, 0] == preds.labels], minlength=n)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
         writer.writerow(["identity", "count", "correct", "accuracy"])
         for i, name in enumerate(class_names):

@@ -15,9 +15,10 @@ from facecls.data.datasets import ImageFiles, shard
 from facecls.data.images import UnreadableImage, check_decodes
 from facecls.data.pipeline import loader_kwargs
 from facecls.data.scan import list_flat_images
-from facecls.distributed import gather_objects, init_distributed
+from facecls.distributed import broadcast_object, gather_objects, init_distributed
 from facecls.errors import FaceclsError
 from facecls.evaluation import load_run
+from facecls.speed import Runtime
 
 
 @dataclass
@@ -64,6 +65,25 @@ class _DetectLoader:
         return crop, "ok"
 
 
+def predict_loader(
+    dataset: ImageFiles, batch_size: int, runtime: Runtime, indices: list[int] | None = None
+) -> DataLoader:
+    """In-order batches of ``dataset`` (or of ``indices``), decoded in the runtime's worker processes."""
+    sampler = indices if indices is not None else list(range(len(dataset)))
+    kwargs = {**loader_kwargs(runtime), "persistent_workers": False}
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
+
+
+@torch.inference_mode()
+def predict_batches(model: torch.nn.Module, loader: DataLoader, normalize: torch.nn.Module, runtime: Runtime):
+    """Yield ``(predicted class indices, dataset indices, statuses)`` per batch (model in eval mode)."""
+    for images_u8, idx, status in loader:
+        x = normalize(images_u8)
+        with runtime.autocast():
+            pred = model(x).argmax(1).cpu().tolist()
+        yield pred, idx.tolist(), status
+
+
 def predict_folder(
     run: Path,
     images: Path,
@@ -83,7 +103,7 @@ def predict_folder(
     console = Console(enabled=env.is_main, progress=progress)
     loaded = load_run(run, checkpoint, local_rank=env.local_rank)
     paths, _ = list_flat_images(images)
-    bad = quick_check(paths) if env.is_main else []
+    bad = broadcast_object(env, quick_check(paths) if env.is_main else None)  # every process stops, or none
     if bad and not skip_unreadable:
         raise FaceclsError(
             f"{len(bad)} of {len(paths)} images in {images} are unreadable ({_list_for_error(bad)}); "
@@ -92,36 +112,34 @@ def predict_folder(
     loader_fn = _DetectLoader(detector, margin) if detect else None
     dataset = ImageFiles(paths, loaded.preprocess.input_size, loader_fn)
     indices = shard(list(range(len(paths))), env.rank, env.world_size)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, **{**loader_kwargs(loaded.runtime), "persistent_workers": False})
+    loader = predict_loader(dataset, batch_size, loaded.runtime, indices)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     skipped, no_face, written = [], [], 0
     bar = console.progress("predict", len(indices))
     local_rows: list[tuple[int, str]] = []
-    handle = open(tmp, "w", newline="", encoding="utf-8") if env.is_main and not env.enabled else None
+    handle = None
+    if env.is_main and not env.enabled:  # surrogateescape: image names that are not UTF-8 are written back as is
+        handle = open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape")
     writer = csv.writer(handle) if handle else None
     if writer:
         writer.writerow(["image_name", "label"])
     try:
-        with torch.inference_mode():
-            for images_u8, idx, status in loader:
-                x = loaded.normalize(images_u8)
-                with loaded.runtime.autocast():
-                    pred = loaded.model(x).argmax(1).cpu().tolist()
-                for i, p, s in zip(idx.tolist(), pred, status):
-                    name = paths[i].name
-                    if s == "unreadable":
-                        skipped.append(name)
-                        continue
-                    if s == "no-face":
-                        no_face.append(name)
-                    if writer:
-                        writer.writerow([name, loaded.class_names[p]])
-                        written += 1
-                    else:
-                        local_rows.append((i, loaded.class_names[p]))
-                bar.advance(len(pred))
+        for pred, idx, status in predict_batches(loaded.model, loader, loaded.normalize, loaded.runtime):
+            for i, p, s in zip(idx, pred, status, strict=True):
+                name = paths[i].name
+                if s == "unreadable":
+                    skipped.append(name)
+                    continue
+                if s == "no-face":
+                    no_face.append(name)
+                if writer:
+                    writer.writerow([name, loaded.class_names[p]])
+                    written += 1
+                else:
+                    local_rows.append((i, loaded.class_names[p]))
+            bar.advance(len(pred))
         bar.close()
         if env.enabled:
             parts = gather_objects(env, (local_rows, skipped, no_face))
@@ -129,7 +147,7 @@ def predict_folder(
                 merged = sorted(r for part in parts for r in part[0])
                 skipped = sorted(n for part in parts for n in part[1])
                 no_face = sorted(n for part in parts for n in part[2])
-                with open(tmp, "w", newline="", encoding="utf-8") as h:
+                with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as h:
                     w = csv.writer(h)
                     w.writerow(["image_name", "label"])
                     for i, label in merged:
@@ -151,11 +169,13 @@ def predict_folder(
     if detect:
         report = out.with_name(out.stem + "_detect_report.csv")
         no_face_set, skipped_set = set(no_face), set(skipped)
-        with open(report, "w", newline="", encoding="utf-8") as h:
+        with open(report, "w", newline="", encoding="utf-8", errors="surrogateescape") as h:
             w = csv.writer(h)
             w.writerow(["image_name", "status"])
             for p in paths:
-                status = "unreadable" if p.name in skipped_set else "no-face (centre crop)" if p.name in no_face_set else "aligned"
+                status = "unreadable" if p.name in skipped_set else "aligned"
+                if p.name in no_face_set:
+                    status = "no-face (centre crop)"
                 w.writerow([p.name, status])
         console.log(f"detection: {len(paths) - len(no_face) - len(skipped)} aligned, {len(no_face)} without a face "
                     f"(predicted on a centre crop); see {report}")

@@ -11,6 +11,7 @@ RUN/
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import platform
@@ -81,8 +82,15 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temp file and a rename, so a killed process never leaves half a file behind."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_config(run: Path, recipe: Recipe) -> None:
-    (run / "config.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), encoding="utf-8")
+    write_text_atomic(run / "config.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
 
 
 def read_run_recipe(run: Path) -> Recipe:
@@ -116,12 +124,22 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def truncate_metrics(path: Path, epochs_done: int) -> None:
-    """On resume, drop rows for epochs after the checkpoint (they will be trained again)."""
-    rows = [r for r in read_metrics(path) if int(r["epoch"]) <= epochs_done]
-    if path.exists():
+    """On resume, drop rows for epochs after the checkpoint (they will be trained again), and a row
+    that a killed process left half written. Replaces the file atomically."""
+    if not path.exists():
+        return
+    rows = [r for r in read_metrics(path) if None not in r.values() and r["epoch"].isdigit()]
+    rows = [r for r in rows if int(r["epoch"]) <= epochs_done]
+    if not rows:
         path.unlink()
-    for row in rows:
-        append_metrics(path, row)
+        return
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buffer.getvalue().encode("utf-8"))
+    os.replace(tmp, path)
 
 
 def plot_curves(metrics_csv: Path, out_png: Path) -> None:

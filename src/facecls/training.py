@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,14 +17,21 @@ import torch
 from torch import nn
 
 from facecls import runs
-from facecls.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from facecls.checkpoint import (
+    load_checkpoint,
+    load_model_state,
+    remove_stale_temp_files,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from facecls.config import Recipe, TrainConfig, recipe_to_dict
 from facecls.console import Console
 from facecls.data.pipeline import build_datasets, eval_loader, make_manifest, train_loader
-from facecls.data.scan import write_skipped
+from facecls.data.scan import find_labelled_images, read_skipped, write_skipped
 from facecls.data.split import class_names_from, manifest_sha256, write_manifest
 from facecls.data.transforms import Normalize
-from facecls.distributed import DistEnv, barrier, init_distributed
+from facecls.distributed import DistEnv, barrier, convert_sync_batchnorm, init_distributed
 from facecls.engine import RunningStats, StepContext, evaluate, train_one_epoch
 from facecls.errors import FaceclsError
 from facecls.models.registry import FaceClassifier, create_model, get_entry, get_weight_spec
@@ -160,6 +171,11 @@ class Trainer:
         )
         self.datasets = data.datasets
         skipped = scan_skipped + data.skipped
+        if manifest is not None and manifest.resolve() == (self.run / "split.csv").resolve():
+            # A resumed run reads its own split: keep what the first scan left out (hidden files, ...).
+            earlier = read_skipped(self.run / "skipped_files.csv")
+            known = {s.path for s in earlier}
+            skipped = earlier + [s for s in skipped if s.path not in known]
         if env.is_main:
             write_skipped(self.run / "skipped_files.csv", skipped)
         unreadable = sum(1 for s in skipped if s.reason.startswith("unreadable"))
@@ -174,9 +190,18 @@ class Trainer:
 
         torch.manual_seed(recipe.train.seed)
         model = create_model(recipe.model.name, len(self.class_names), recipe.model.head)
-        self.weights_info = load_pretrained(model, recipe, offline, console) if resume_state is None else {}
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            if self.micro_batch < 2 or len(self.datasets["train"]) < 2 * self.world:
+                raise FaceclsError(
+                    f"{recipe.model.name} has BatchNorm, which needs at least 2 images per batch and process: "
+                    f"raise train.batch_size (now {recipe.train.batch_size} = {self.micro_batch} per process and "
+                    f"step) or add training images (now {len(self.datasets['train'])})"
+                )
+        # Rank 0 alone reads (or downloads) the weights: DDP's construction copies them to every process.
+        pretrained = resume_state is None and env.is_main
+        self.weights_info = load_pretrained(model, recipe, offline, console) if pretrained else {}
         if recipe.train.sync_bn and env.enabled:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = convert_sync_batchnorm(model, self.runtime.device)
         memory_format = torch.channels_last if self.runtime.channels_last else torch.contiguous_format
         self.model = model.to(self.runtime.device, memory_format=memory_format)
         self.normalize = Normalize(self.preprocess.mean, self.preprocess.std, self.runtime.channels_last).to(
@@ -196,7 +221,7 @@ class Trainer:
         self.val_loader = (
             eval_loader(self.datasets["val"], self.micro_batch * 2, env, self.runtime) if "val" in self.datasets else None
         )
-        steps = math.ceil(len(self.datasets["train"]) / recipe.train.batch_size)
+        steps = math.ceil(self.train_loader.sampler.samples_per_epoch() / recipe.train.batch_size)
         self.steps_per_epoch = min(steps, recipe.train.max_steps_per_epoch or steps)
         if env.is_main:
             self._write_run_json()
@@ -234,7 +259,7 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------
     def _state(self, stats: RunningStats | None) -> dict:
         return {
-            "model": self.model.state_dict(),
+            "model": getattr(self.model, "_orig_mod", self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
@@ -257,7 +282,7 @@ class Trainer:
             save_checkpoint(self._state(stats), self.run / name)
 
     def _restore(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        load_model_state(self.model, state["model"], self.run / "last.ckpt")
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -271,6 +296,37 @@ class Trainer:
             torch.manual_seed(int(torch.initial_seed()) + self.env.rank)
 
     # ---- the loop ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _stop_at_step_boundary(self):
+        """The first Ctrl-C (or SIGTERM) asks for a stop: the current optimizer step completes, last.ckpt
+        is saved right there (so the resumed run is exactly the uninterrupted one) and training stops.
+        A second Ctrl-C stops at once, keeping the last checkpoint. Single-process runs only: under
+        torchrun the processes could not agree on the step."""
+        self.stop_requested = False
+        if self.env.enabled or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame) -> None:
+            if self.stop_requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            os.write(2, b"\nstopping after this step (saving a checkpoint); Ctrl-C again to stop at once\n")
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _stopped(self) -> FaceclsError:
+        where = f"epoch {self.epoch + 1}, step {self.step_in_epoch}" if self.step_in_epoch else f"epoch {self.epoch}"
+        return FaceclsError(
+            f"stopped at the end of {where}; progress saved in {self.run / 'last.ckpt'}: "
+            f"continue with `facecls train --resume {self.run}`"
+        )
+
     def _wrap(self) -> nn.Module:
         """DDP wrapper for the current trainable set. Re-wrapped when the phase changes, because DDP
         fixes the parameters it synchronises when it is constructed."""
@@ -281,29 +337,29 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         t, console = self.recipe.train, self.console
-        if self.epoch >= t.epochs:
-            raise FaceclsError(f"run {self.run} already finished {t.epochs} epochs; nothing to resume")
         if self.env.enabled and self.step_in_epoch == 0 and self.epoch == 0:
             torch.manual_seed(t.seed + self.env.rank)
         if self.runtime.compile:
             self.model = torch.compile(self.model)
-        console.log(
-            f"training {self.recipe.name}: {t.epochs} epochs ({t.frozen_epochs} frozen), "
-            f"{self.steps_per_epoch} steps/epoch, batch {t.batch_size} = {self.world} process(es) x "
-            f"{self.micro_batch} x {t.grad_accum} accumulation; {self.runtime.device}, {self.runtime.precision}"
-            f"{', channels_last' if self.runtime.channels_last else ''}"
-        )
+        if self.epoch < t.epochs:
+            console.log(
+                f"training {self.recipe.name}: {t.epochs} epochs ({t.frozen_epochs} frozen), "
+                f"{self.steps_per_epoch} steps/epoch, batch {t.batch_size} = {self.world} process(es) x "
+                f"{self.micro_batch} x {t.grad_accum} accumulation; {self.runtime.device}, {self.runtime.precision}"
+                f"{', channels_last' if self.runtime.channels_last else ''}"
+            )
         wrapped, phase = None, None
-        while self.epoch < t.epochs:
-            frozen = self.epoch < t.frozen_epochs
-            if phase != frozen:
-                set_phase(self.model, frozen, t)
-                wrapped, phase = self._wrap(), frozen
-                if not frozen and self.epoch == t.frozen_epochs and self.step_in_epoch == 0:
-                    if self.recipe.optim.finetune_lr is not None:
-                        for group in self.optimizer.param_groups:
-                            group["lr"] = self.recipe.optim.finetune_lr
-            self._run_epoch(wrapped)
+        with self._stop_at_step_boundary():
+            while self.epoch < t.epochs:
+                frozen = self.epoch < t.frozen_epochs
+                if phase != frozen:
+                    set_phase(self.model, frozen, t)
+                    wrapped, phase = self._wrap(), frozen
+                    if not frozen and self.epoch == t.frozen_epochs and self.step_in_epoch == 0:
+                        if self.recipe.optim.finetune_lr is not None:
+                            for group in self.optimizer.param_groups:
+                                group["lr"] = self.recipe.optim.finetune_lr
+                self._run_epoch(wrapped)
         final = self._finish()
         return TrainResult(self.run, t.epochs, self.best_val_acc, final)
 
@@ -320,8 +376,11 @@ class Trainer:
             self.step_in_epoch = step
             self.global_step += 1
             bar.update(step, f"loss {running.loss:.3f} acc {100 * running.accuracy:.1f}% {running.images_per_s:.0f} img/s")
-            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total:
+            stop = self.stop_requested and step < total  # at the epoch's last step: stop after its end
+            if stop or (t.checkpoint_every and step % t.checkpoint_every == 0 and step < total):
                 self.save("last.ckpt", running.reduced(env))
+            if stop:
+                raise self._stopped()
 
         ctx = StepContext(
             self.optimizer,
@@ -336,10 +395,16 @@ class Trainer:
         try:
             train_one_epoch(model, self.train_loader, ctx, stats, start_step=start)
         except KeyboardInterrupt:
+            if env.enabled:  # no step-boundary stop under torchrun: save what there is
+                self.save("last.ckpt", stats.reduced(env))
+                raise FaceclsError(
+                    f"interrupted; progress saved: resume with `facecls train --resume {self.run}`"
+                ) from None
+            raise FaceclsError(
+                f"interrupted; resume from the last checkpoint with `facecls train --resume {self.run}`"
+            ) from None
+        finally:
             bar.close()
-            self.save("last.ckpt", stats.reduced(env))
-            raise FaceclsError(f"interrupted; progress saved: resume with `facecls train --resume {self.run}`") from None
-        bar.close()
         train_stats = stats.reduced(env)
         seconds = time.perf_counter() - started
         val = evaluate(self.model, self.val_loader, self.runtime, self.normalize, env) if self.val_loader else None
@@ -380,6 +445,8 @@ class Trainer:
             self.save("best.ckpt")
         self.save("last.ckpt")
         barrier(env)
+        if self.stop_requested and self.epoch < t.epochs:
+            raise self._stopped()
 
     def _finish(self) -> dict:
         from facecls.evaluation import evaluate_run
@@ -389,20 +456,36 @@ class Trainer:
             if split in self.datasets:
                 results[split] = evaluate_run(self.run, split, env=self.env, console=self.console, quiet=True)
         if self.env.is_main:
+            info = runs.read_run_info(self.run)
+            runs.write_json(self.run / "run.json", {**info, "completed": True})
             text = ", ".join(f"{k} top-1 {100 * v['top1']:.2f}%" for k, v in results.items())
             self.console.log(f"done: best checkpoint {self.run / 'best.ckpt'}; {text}")
         return results
 
 
+RUN_FILES = ("config.yaml", "run.json", "split.csv")
+"""What a run folder holds once setup is done: enough to resume it (from scratch without a checkpoint)."""
+
+
 def prepare_run_folder(run: Path, resume: bool) -> dict | None:
-    """Create a fresh run folder, or find the checkpoint to resume from."""
+    """Create a fresh run folder, or find the checkpoint to resume from (None: no checkpoint was written
+    yet, the run starts again from the beginning with its recorded recipe and split)."""
     if resume:
+        if not run.is_dir():
+            raise FaceclsError(f"nothing to resume: run folder {run} does not exist")
+        missing = [name for name in RUN_FILES if not (run / name).is_file()]
+        if missing:
+            raise FaceclsError(
+                f"nothing to resume in {run}: not a facecls run folder (no {missing[0]}); "
+                "start a new run with --recipe and --data instead of --resume"
+            )
+        remove_stale_temp_files(run)
         last = run / "last.ckpt"
-        if not last.is_file():
-            raise FaceclsError(f"nothing to resume in {run}: no last.ckpt (start a new run without --resume)")
-        return load_checkpoint(last)
-    if (run / "last.ckpt").exists() or (run / "metrics.csv").exists():
+        return load_checkpoint(last) if last.is_file() else None
+    if any((run / name).exists() for name in ("last.ckpt", "metrics.csv", "config.yaml")):
         raise FaceclsError(f"{run} already holds a run: resume it with --resume {run}, or choose another --out")
+    if run.exists() and not run.is_dir():
+        raise FaceclsError(f"--out {run} is a file, not a folder")
     run.mkdir(parents=True, exist_ok=True)
     return None
 
@@ -419,24 +502,39 @@ def train(
     progress: bool = True,
 ) -> TrainResult:
     """Train ``recipe`` on ``data_dir`` into ``run`` (or continue the run in ``run`` with resume)."""
-    env = init_distributed()
+    env = init_distributed(device)
     console = Console(enabled=env.is_main, progress=progress)
+    run = Path(run)
+    if not resume:
+        if data_dir is None:
+            raise FaceclsError("--data DIR is required for a new run")
+        find_labelled_images(Path(data_dir))  # a wrong --data fails before the run folder is created
     state = None
     if env.is_main:
         state = prepare_run_folder(run, resume)
     barrier(env)
     if resume:
         if not env.is_main:
-            state = load_checkpoint(run / "last.ckpt")
+            state = load_checkpoint(run / "last.ckpt") if (run / "last.ckpt").is_file() else None
         recipe = runs.read_run_recipe(run)
         info = runs.read_run_info(run)
+        if info.get("completed"):
+            raise FaceclsError(
+                f"run {run} already finished its {recipe.train.epochs} epochs; nothing to resume "
+                f"(evaluate it with `facecls evaluate {run}`, or train a new run with another --out)"
+            )
         data_dir = Path(info["data_dir"])
         manifest = run / "split.csv"
-        if state["epoch"] >= recipe.train.epochs:
-            raise FaceclsError(f"run {run} already finished {recipe.train.epochs} epochs; nothing to resume")
-        console.log(f"resuming {run} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
-    if data_dir is None:
-        raise FaceclsError("--data DIR is required for a new run")
+        epochs_done = int(state["epoch"]) if state is not None else 0
+        if state is None:
+            console.log(f"no checkpoint in {run} yet: starting it again from the beginning (same recipe and split)")
+        elif epochs_done >= recipe.train.epochs:
+            console.log(f"{run} finished training before its final evaluation; evaluating now")
+        else:
+            console.log(f"resuming {run} at epoch {epochs_done + 1}, step {state['step_in_epoch']}")
+        if env.is_main:  # rows of epochs after the checkpoint are trained again; drop them
+            runs.truncate_metrics(run / "metrics.csv", epochs_done)
+            runs.plot_curves(run / "metrics.csv", run / "curves.png")
     runtime = resolve_runtime(recipe.speed, device, env.local_rank)
     if runtime.device == "cpu":
         torch.set_num_threads(runtime.threads)

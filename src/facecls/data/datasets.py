@@ -97,10 +97,14 @@ class ImageFiles(Dataset):
 class EpochSampler(Sampler):
     """Shuffled (index, augmentation seed) pairs for one process of ``world_size``.
 
-    Like torch's DistributedSampler (per-epoch reseeding, padding to a multiple of the world size,
-    ``rank::world_size`` sharding), plus ``start``: the number of global samples already consumed
-    this epoch, so a resumed run continues mid-epoch with the same order, even on a different
-    number of processes.
+    Like torch's DistributedSampler with ``drop_last=True`` (per-epoch reseeding, ``rank::world_size``
+    sharding; the last ``len % world_size`` samples of each epoch's order are left out rather than padded
+    with duplicates, so every process gets as many samples and none is trained or counted twice), plus
+    ``start``: the number of global samples already consumed this epoch, so a resumed run continues
+    mid-epoch with the same order, even on a different number of processes.
+
+    With ``batch_size`` (per process), an epoch whose last batch would hold a single sample drops that
+    sample (one per process, a different one each epoch): BatchNorm cannot train on a batch of one.
     """
 
     def __init__(
@@ -111,8 +115,10 @@ class EpochSampler(Sampler):
         world_size: int = 1,
         shuffle: bool = True,
         augment_seeds: bool = True,
+        batch_size: int | None = None,
     ):
         self.indices = list(indices)
+        self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
@@ -129,8 +135,15 @@ class EpochSampler(Sampler):
         if self.shuffle:
             gen = torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)
             order = [self.indices[i] for i in torch.randperm(len(self.indices), generator=gen).tolist()]
-        total = math.ceil(len(order) / self.world_size) * self.world_size
-        return order + order[: total - len(order)]
+        return order[: self.samples_per_epoch()]
+
+    def samples_per_epoch(self) -> int:
+        """Global samples in one epoch: a multiple of the world size, minus a lone tail."""
+        total = len(self.indices) // self.world_size * self.world_size
+        per_process = total // self.world_size
+        if self.batch_size and per_process > 1 and per_process % self.batch_size == 1:
+            total -= self.world_size
+        return total
 
     def __iter__(self) -> Iterator:
         order = self.global_order()[self.start :]
@@ -141,7 +154,7 @@ class EpochSampler(Sampler):
                 yield index
 
     def __len__(self) -> int:
-        total = math.ceil(len(self.indices) / self.world_size) * self.world_size - self.start
+        total = self.samples_per_epoch() - self.start
         return max(0, math.ceil((total - self.rank) / self.world_size))
 
 

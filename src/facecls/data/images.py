@@ -30,14 +30,28 @@ def open_rgb(path: Path | str) -> Image.Image:
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 return _to_rgb(img)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # noqa: BLE001 - decoders of corrupt files raise anything (EOFError, struct.error, ...)
+        raise UnreadableImage(f"{type(exc).__name__}: {exc}") from None
+
+
+def check_decodes(path: Path | str) -> None:
+    """Decode ``path`` fully but cheaply (JPEGs at 1/8 scale, which still reads the whole stream), so a
+    truncated or corrupt file is found up front; raises UnreadableImage."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+                img.load()
+    except Exception as exc:  # noqa: BLE001 - see open_rgb
         raise UnreadableImage(f"{type(exc).__name__}: {exc}") from None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
+        # I;16 is 16-bit by definition (a dark 16-bit image must stay dark); plain I holds any integers.
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     elif img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
@@ -111,7 +125,8 @@ class DecodedCache:
         digest = hashlib.sha256(f"v1 {size}\n".encode())
         for path in paths:
             st = os.stat(path)
-            digest.update(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            entry = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\n"
+            digest.update(entry.encode("utf-8", "surrogateescape"))  # file names need not be UTF-8
         return digest.hexdigest()[:24]
 
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,16 +122,24 @@ def _broadcast(env: DistEnv, obj):
     return broadcast_object(env, obj)
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """Ctrl-C belongs to the main process (training stops at a step boundary and saves); a worker that
+    died of it would break the step that is finishing."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def loader_kwargs(runtime: Runtime) -> dict:
     kwargs = {"num_workers": runtime.workers, "pin_memory": runtime.pin_memory}
     if runtime.workers > 0:
-        kwargs.update(persistent_workers=True, prefetch_factor=4)
+        kwargs.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=_ignore_sigint)
     return kwargs
 
 
 def train_loader(dataset: FaceImages, batch_size: int, seed: int, env: DistEnv, runtime: Runtime) -> DataLoader:
     """Shuffled, sharded, resumable (``loader.sampler.set_epoch(epoch, start)``) training batches."""
-    sampler = EpochSampler(list(range(len(dataset))), seed, env.rank, env.world_size)
+    if len(dataset) < env.world_size:
+        raise FaceclsError(f"{len(dataset)} training images are too few for {env.world_size} processes")
+    sampler = EpochSampler(list(range(len(dataset))), seed, env.rank, env.world_size, batch_size=batch_size)
     # A private generator: creating an iterator must not consume the global RNG (exact resume).
     return DataLoader(
         dataset,

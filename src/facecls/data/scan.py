@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,10 +113,21 @@ def list_flat_images(folder: Path) -> tuple[list[Path], list[SkippedFile]]:
 
 
 def write_skipped(path: Path, skipped: list[SkippedFile]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "reason"])
         writer.writerows((s.path, s.reason) for s in skipped)
+    os.replace(tmp, path)
+
+
+def read_skipped(path: Path) -> list[SkippedFile]:
+    """The files a run left out (empty when it has no skipped_files.csv yet)."""
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        return [SkippedFile(r["path"], r["reason"]) for r in csv.DictReader(handle)]
 
 
 def _ext_list() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,13 +84,17 @@ def manifest_bytes(rows: list[ManifestRow]) -> bytes:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "identity", "split"])
     writer.writerows((r.path, r.identity, r.split) for r in rows)
-    return buffer.getvalue().encode("utf-8")
+    return buffer.getvalue().encode("utf-8", "surrogateescape")  # file names that are not UTF-8 survive
 
 
 def write_manifest(path: Path, rows: list[ManifestRow]) -> str:
     """Write the manifest CSV; returns its SHA-256 (stored in checkpoints)."""
     data = manifest_bytes(rows)
-    Path(path).write_bytes(data)
+    path = Path(path)
+    if not path.is_file() or path.read_bytes() != data:  # a resumed run rewrites the same bytes
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # atomic: a killed process never leaves half a manifest
     return hashlib.sha256(data).hexdigest()
 
 
@@ -97,7 +102,7 @@ def read_manifest(path: Path) -> list[ManifestRow]:
     path = Path(path)
     if not path.is_file():
         raise FaceclsError(f"split manifest {path} not found")
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames != ["path", "identity", "split"]:
             raise FaceclsError(f"{path} is not a facecls split manifest (header must be path,identity,split)")

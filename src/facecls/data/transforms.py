@@ -7,7 +7,11 @@ owns its transform).
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
@@ -20,13 +24,77 @@ def train_transform(input_size: int, augment: AugmentConfig) -> v2.Compose:
     if augment.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(augment.hflip))
     if augment.rotation > 0:
-        steps.append(v2.RandomRotation(augment.rotation))
+        steps.append(RandomRotation(augment.rotation))
     if any(augment.color_jitter):
         b, c, s, h = augment.color_jitter
-        steps.append(v2.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h))
+        steps.append(ColorJitter(brightness=b, contrast=c, saturation=s, hue=h))
     if augment.grayscale > 0:
         steps.append(v2.RandomGrayscale(augment.grayscale))
     return v2.Compose(steps)
+
+
+def _is_rgb_uint8(inpt: Any) -> bool:
+    return type(inpt) is torch.Tensor and inpt.dtype == torch.uint8 and inpt.ndim == 3 and inpt.shape[0] == 3
+
+
+def rotate_uint8(image: torch.Tensor, angle: float) -> torch.Tensor:
+    """Rotate a uint8 RGB CHW tensor by ``angle`` degrees about its centre (nearest, same size, black fill)
+    with PIL's kernel, i.e. what v2.functional.rotate does to a PIL image."""
+    hwc = np.ascontiguousarray(image.numpy().transpose(1, 2, 0))
+    out = Image.fromarray(hwc).rotate(angle, resample=Image.Resampling.NEAREST, expand=False, fillcolor=(0, 0, 0))
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(out).transpose(2, 0, 1)))
+
+
+_HUE_SEXTANT_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1)
+
+
+def adjust_hue_uint8(image: torch.Tensor, hue_factor: float) -> torch.Tensor:
+    """v2.functional.adjust_hue for a uint8 RGB CHW tensor, about 3x faster: a hue shift keeps each pixel's
+    max and min channel, so the result comes straight from (max, max - min, shifted hue) without the HSV round
+    trip. Agrees with torchvision to +-1 grey level (float rounding; about 0.01% of pixels)."""
+    x = image.float()
+    minc, maxc = torch.aminmax(x, dim=0)
+    chroma = maxc - minc
+    inv = torch.where(chroma > 0, chroma, 1.0).reciprocal_()
+    r, g, b = x.unbind(0)
+    # hue in sextants [0, 6): red 0, green 2, blue 4 (the same case order as torchvision's _rgb_to_hsv)
+    hue = torch.where(
+        maxc == r,
+        (g - b).mul_(inv),
+        torch.where(maxc == g, (b - r).mul_(inv).add_(2.0), (r - g).mul_(inv).add_(4.0)),
+    )
+    hue.add_(6.0 * hue_factor)
+    k = (hue + _HUE_SEXTANT_OFFSETS).remainder_(6.0)
+    out = maxc - chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    # torchvision's float -> uint8 conversion: scale by 256 - 1e-3 and truncate
+    return out.mul_((256.0 - 1e-3) / 255.0).to(torch.uint8)
+
+
+class RandomRotation(v2.RandomRotation):
+    """v2.RandomRotation (nearest, same size, black fill) that turns uint8 RGB tensors with PIL's kernel: the
+    same angle draws; 3-10x faster than the tensor kernel's float grid_sample; about 0.1% of the pixels differ
+    from it (nearest-neighbour ties), none from torchvision's own PIL path."""
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not _is_rgb_uint8(inpt) or self.expand or self.center is not None or self.fill != 0:
+            return super().transform(inpt, params)
+        return rotate_uint8(inpt, params["angle"])
+
+
+class ColorJitter(v2.ColorJitter):
+    """v2.ColorJitter (same random factors and order) with adjust_hue_uint8 as the hue step for uint8 RGB
+    tensors; torchvision's hue kernel was over half of the whole augmentation's time at 224 px."""
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not _is_rgb_uint8(inpt) or params["hue_factor"] is None:
+            return super().transform(inpt, params)
+        output = inpt
+        for fn_id in params["fn_idx"].tolist():
+            if fn_id == 3:
+                output = adjust_hue_uint8(output, params["hue_factor"])
+            else:
+                output = super().transform(output, {**params, "fn_idx": [fn_id]})
+        return output
 
 
 def eval_transform() -> None:

@@ -6,6 +6,7 @@ the run folder records what was used, so training, evaluation and prediction can
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,11 +117,15 @@ def read_state_dict(file: Path, spec: WeightSpec | None = None) -> dict[str, tor
             raise FaceclsError(f"{file}: ONNX weights need a model that knows how to convert them (e.g. sface)")
         return spec.convert(file)
     try:
-        data = torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4": noise in front of the one-line refusal
+            warnings.simplefilter("ignore")
+            data = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a safe weights file"
+        from facecls.checkpoint import describe_load_error
+
         raise FaceclsError(
-            f"refusing to load {file}: it is not a plain tensor file ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200]}). Only weights_only checkpoints and .safetensors are loaded."
+            f"refusing to load {file}: not a plain tensor file ({describe_load_error(exc)}); "
+            "only weights_only torch files and .safetensors are loaded"
         ) from None
     for key in ("state_dict", "model"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
