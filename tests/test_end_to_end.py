@@ -33,12 +33,40 @@ def orl_data(shared_data, tmp_path_factory):
 
 def test_train_evaluate_predict_score_compare(orl_data, tmp_path, capsys):
     run = tmp_path / "run"
-    code = main(["train", "--recipe", "sface", "--data", str(orl_data), "--out", str(run), "--no-progress",
-                 "--set", "train.epochs=2", "--set", "train.frozen_epochs=2", "--set", "optim.lr=0.01",
-                 "--set", "train.batch_size=32"])
+    code = main(
+        [
+            "train",
+            "--recipe",
+            "sface",
+            "--data",
+            str(orl_data),
+            "--out",
+            str(run),
+            "--no-progress",
+            "--set",
+            "train.epochs=2",
+            "--set",
+            "train.frozen_epochs=2",
+            "--set",
+            "optim.lr=0.01",
+            "--set",
+            "train.batch_size=32",
+        ]
+    )
     assert code == 0
-    for name in ("best.ckpt", "last.ckpt", "split.csv", "metrics.csv", "curves.png", "config.yaml", "run.json",
-                 "classes.json", "eval_val.json", "eval_test.json", "skipped_files.csv"):
+    for name in (
+        "best.ckpt",
+        "last.ckpt",
+        "split.csv",
+        "metrics.csv",
+        "curves.png",
+        "config.yaml",
+        "run.json",
+        "classes.json",
+        "eval_val.json",
+        "eval_test.json",
+        "skipped_files.csv",
+    ):
         assert (run / name).is_file(), name
     with open(run / "metrics.csv") as handle:
         assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [1, 2]
@@ -57,8 +85,9 @@ def test_train_evaluate_predict_score_compare(orl_data, tmp_path, capsys):
         assert len(list(csv.DictReader(handle))) == IDENTITIES
 
     submission = tmp_path / "submission.csv"
-    assert main(["predict", str(run), "--images", str(orl_data / "test"), "--out", str(submission),
-                 "--no-progress"]) == 0
+    assert (
+        main(["predict", str(run), "--images", str(orl_data / "test"), "--out", str(submission), "--no-progress"]) == 0
+    )
     with open(submission) as handle:
         sub_rows = list(csv.reader(handle))
     assert sub_rows[0] == ["image_name", "label"]

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from facecls.config import RECIPES_DIR, load_recipe, recipe_to_dict, recipe_from_dict
+from facecls.config import RECIPES_DIR, load_recipe, recipe_from_dict, recipe_to_dict
 from facecls.errors import FaceclsError
 from facecls.models.registry import get_weight_spec
 
@@ -29,7 +29,12 @@ def test_seed_settings_are_exact():
     assert (m.train.epochs, m.train.frozen_epochs, m.scheduler.patience) == (10, 2, 2)
     i = load_recipe("inception_resnet_v1")
     assert (i.optim.lr, i.optim.finetune_lr, i.model.weights) == (1e-3, 5e-4, "vggface2")
-    assert (i.train.epochs, i.train.frozen_epochs, i.train.unfreeze, i.train.unfreeze_last_n) == (10, 3, "last_params", 15)
+    assert (i.train.epochs, i.train.frozen_epochs, i.train.unfreeze, i.train.unfreeze_last_n) == (
+        10,
+        3,
+        "last_params",
+        15,
+    )
     assert i.train.label_smoothing == 0.1 and i.scheduler.patience == 2
 
 
@@ -49,7 +54,11 @@ def test_overrides_and_strictness(tmp_path):
 def test_cli_bad_recipe_is_one_line_exit_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: {epochs: 0}\n")
-    proc = subprocess.run([sys.executable, "-m", "facecls", "train", "--recipe", str(bad), "--data", str(tmp_path)],
-                          capture_output=True, text=True, env={"FACECLS_JEMALLOC": "0", "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "facecls", "train", "--recipe", str(bad), "--data", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={"FACECLS_JEMALLOC": "0", "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "train.epochs must be >= 1" in proc.stderr

@@ -44,8 +44,14 @@ def _add_train(sub) -> None:
     p.add_argument("--recipe", help="recipe name (resnet50, mobilenet_v2, inception_resnet_v1, sface) or YAML file")
     p.add_argument("--data", type=Path, help="data folder with train/<identity>/<image> (and optional val/, test/)")
     p.add_argument("--out", type=Path, help="run folder (default: runs/<recipe>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe field, e.g. --set train.epochs=3 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set train.epochs=3 (repeatable)",
+    )
     p.add_argument("--epochs-scale", type=float, help="scale epochs and frozen epochs for a quick try (e.g. 0.2)")
     p.add_argument("--max-steps", type=int, help="cut each epoch after this many optimizer steps")
     p.add_argument("--weights", help="local weights file to start from (instead of cache/download)")
@@ -140,16 +146,26 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     # --nproc must go: torchrun's own parser would take it for an ambiguous --nproc-per-node/--nproc_per_node
     rest = [a for i, a in enumerate(argv) if a != "--nproc" and (i == 0 or argv[i - 1] != "--nproc")]
     rest = [a for a in rest if not a.startswith("--nproc=")]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "facecls", *rest]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "facecls",
+        *rest,
+    ]
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:  # torchrun would set 1; facecls sets each worker's threads itself
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         env["OMP_NUM_THREADS"] = str(max(1, cores // nproc))
     proc = subprocess.Popen(command, env=env)
     try:
-        previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
-                    signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))}
+        previous = {
+            signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+            signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum)),
+        }
     except ValueError:  # not the main thread: no handlers to set
         previous = {}
     try:
@@ -160,27 +176,44 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
 
 
 def cmd_train(args, argv: list[str]) -> int:
+    from facecls.config import load_recipe
+
     if args.nproc is not None and args.nproc < 1:
         raise FaceclsError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.resume and (args.recipe or args.data or args.overrides):
+        raise FaceclsError("--resume continues a run with its own recipe and data; drop --recipe/--data/--set")
+    if not args.resume and (not args.recipe or not args.data):
+        raise FaceclsError("train needs --recipe and --data (or --resume RUN)")
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        if not args.resume:
+            load_recipe(args.recipe, _train_overrides(args))  # a bad recipe fails here once, not in N processes
         return launch_torchrun(args.nproc, argv)
-    from facecls.config import load_recipe
     from facecls.training import train
 
     if args.resume:
-        if args.recipe or args.data or args.overrides:
-            raise FaceclsError("--resume continues a run with its own recipe and data; drop --recipe/--data/--set")
-        train(None, None, args.resume, resume=True, offline=args.offline, device=args.device,
-              progress=not args.no_progress)
+        train(
+            None,
+            None,
+            args.resume,
+            resume=True,
+            offline=args.offline,
+            device=args.device,
+            progress=not args.no_progress,
+        )
         return 0
-    if not args.recipe or not args.data:
-        raise FaceclsError("train needs --recipe and --data (or --resume RUN)")
     recipe = load_recipe(args.recipe, _train_overrides(args))
     if args.epochs_scale:
         recipe = scale_epochs(recipe, args.epochs_scale)
     run = args.out or Path("runs") / recipe.name
-    train(recipe, args.data, run, manifest=args.manifest, offline=args.offline, device=args.device,
-          progress=not args.no_progress)
+    train(
+        recipe,
+        args.data,
+        run,
+        manifest=args.manifest,
+        offline=args.offline,
+        device=args.device,
+        progress=not args.no_progress,
+    )
     return 0
 
 
@@ -207,9 +240,18 @@ def run_command(args, argv: list[str]) -> int:
     if args.command == "predict":
         from facecls.predict import predict_folder
 
-        predict_folder(args.run, args.images, args.out, checkpoint=args.checkpoint,
-                       skip_unreadable=args.skip_unreadable, detect=args.detect, detector=args.detector,
-                       margin=args.margin, batch_size=args.batch_size, progress=not args.no_progress)
+        predict_folder(
+            args.run,
+            args.images,
+            args.out,
+            checkpoint=args.checkpoint,
+            skip_unreadable=args.skip_unreadable,
+            detect=args.detect,
+            detector=args.detector,
+            margin=args.margin,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
         return 0
     if args.command == "score":
         from facecls.score import score_submission
@@ -219,8 +261,15 @@ def run_command(args, argv: list[str]) -> int:
         if args.run:
             from facecls.runs import write_json
 
-            write_json(args.run / "kaggle.json", {"accuracy": score.accuracy, "correct": score.correct,
-                                                  "total": score.total, "submission": str(args.submission)})
+            write_json(
+                args.run / "kaggle.json",
+                {
+                    "accuracy": score.accuracy,
+                    "correct": score.correct,
+                    "total": score.total,
+                    "submission": str(args.submission),
+                },
+            )
         return 0
     if args.command == "compare":
         from facecls.compare import collect_rows, parse_kaggle, to_markdown, write_table
@@ -238,16 +287,22 @@ def run_command(args, argv: list[str]) -> int:
     if args.command == "data":
         from facecls.data.lfw import fetch_lfw
 
-        summary = fetch_lfw(args.dir, args.min_images, variant=args.variant, offline=args.offline,
-                            archive=args.archive)
+        summary = fetch_lfw(args.dir, args.min_images, variant=args.variant, offline=args.offline, archive=args.archive)
         print(f"LFW: {summary.identities} identities, {summary.images} images in {summary.train_dir}")
         return 0
     if args.command == "prepare":
         from facecls.faces.prepare import prepare_folder
 
-        summary = prepare_folder(args.raw_dir, args.out_dir, size=args.size, margin=args.margin, pick=args.pick,
-                                 fallback_center_crop=args.center_crop_fallback, detector=args.detector,
-                                 workers=args.workers)
+        summary = prepare_folder(
+            args.raw_dir,
+            args.out_dir,
+            size=args.size,
+            margin=args.margin,
+            pick=args.pick,
+            fallback_center_crop=args.center_crop_fallback,
+            detector=args.detector,
+            workers=args.workers,
+        )
         print(summary)
         return 0
     if args.command == "models":
@@ -290,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         where = f" writing {exc.filename}" if exc.filename else ""
-        print(f"facecls: error: disk full{where}: free space, then run the command again "
-              "(a training run continues with --resume RUN)", file=sys.stderr)
+        print(
+            f"facecls: error: disk full{where}: free space, then run the command again "
+            "(a training run continues with --resume RUN)",
+            file=sys.stderr,
+        )
         return 2

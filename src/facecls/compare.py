@@ -39,7 +39,9 @@ def parse_kaggle(items: list[str]) -> dict[str, float]:
         try:
             scores[name.strip()] = float(value.strip().rstrip("%"))
         except ValueError:
-            raise FaceclsError(f"bad --kaggle '{item}': use NAME=SCORE with SCORE in percent, e.g. resnet50=50.0") from None
+            raise FaceclsError(
+                f"bad --kaggle '{item}': use NAME=SCORE with SCORE in percent, e.g. resnet50=50.0"
+            ) from None
     return scores
 
 

@@ -249,7 +249,7 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
         items = typing.get_args(hint)
         if not isinstance(value, list | tuple) or len(value) != len(items):
             raise ValueError(f"{where}: expected a list of {len(items)} values, got {value!r}")
-        return tuple(_check_value(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, items)))
+        return tuple(_check_value(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, items, strict=True)))
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ValueError(f"{where}: expected a mapping, got {value!r}")

@@ -91,8 +91,10 @@ def run_demo(
         submission = out / "submissions" / f"{recipe.name}.csv"
         predict_folder(run, data / "test", submission, progress=progress)
         score = score_submission(submission, data / "test_solution.csv")
-        write_json(run / "kaggle.json", {"accuracy": score.accuracy, "correct": score.correct, "total": score.total,
-                                         "submission": str(submission)})
+        write_json(
+            run / "kaggle.json",
+            {"accuracy": score.accuracy, "correct": score.correct, "total": score.total, "submission": str(submission)},
+        )
         console.log(f"{recipe.name}: submission scored {100 * score.accuracy:.2f}% ({score.correct}/{score.total})")
         run_dirs.append(run)
     rows = collect_rows(run_dirs)

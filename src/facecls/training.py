@@ -182,7 +182,8 @@ class Trainer:
         self.skipped_count = len(skipped)
         counts = {k: len(v) for k, v in self.datasets.items()}
         console.log(
-            f"data: {len(self.class_names)} identities, " + ", ".join(f"{k} {v}" for k, v in counts.items())
+            f"data: {len(self.class_names)} identities, "
+            + ", ".join(f"{k} {v}" for k, v in counts.items())
             + (f"; {len(skipped)} files left out ({unreadable} unreadable), see skipped_files.csv" if skipped else "")
         )
         if "train" not in self.datasets:
@@ -219,7 +220,9 @@ class Trainer:
 
         self.train_loader = train_loader(self.datasets["train"], self.micro_batch, recipe.train.seed, env, self.runtime)
         self.val_loader = (
-            eval_loader(self.datasets["val"], self.micro_batch * 2, env, self.runtime) if "val" in self.datasets else None
+            eval_loader(self.datasets["val"], self.micro_batch * 2, env, self.runtime)
+            if "val" in self.datasets
+            else None
         )
         steps = math.ceil(self.train_loader.sampler.samples_per_epoch() / recipe.train.batch_size)
         self.steps_per_epoch = min(steps, recipe.train.max_steps_per_epoch or steps)
@@ -375,7 +378,9 @@ class Trainer:
         def after_step(step: int, running: RunningStats) -> None:
             self.step_in_epoch = step
             self.global_step += 1
-            bar.update(step, f"loss {running.loss:.3f} acc {100 * running.accuracy:.1f}% {running.images_per_s:.0f} img/s")
+            bar.update(
+                step, f"loss {running.loss:.3f} acc {100 * running.accuracy:.1f}% {running.images_per_s:.0f} img/s"
+            )
             stop = self.stop_requested and step < total  # at the epoch's last step: stop after its end
             if stop or (t.checkpoint_every and step % t.checkpoint_every == 0 and step < total):
                 self.save("last.ckpt", running.reduced(env))
@@ -395,11 +400,8 @@ class Trainer:
         try:
             train_one_epoch(model, self.train_loader, ctx, stats, start_step=start)
         except KeyboardInterrupt:
-            if env.enabled:  # no step-boundary stop under torchrun: save what there is
-                self.save("last.ckpt", stats.reduced(env))
-                raise FaceclsError(
-                    f"interrupted; progress saved: resume with `facecls train --resume {self.run}`"
-                ) from None
+            # Under torchrun nothing is saved here: the processes may be at different points, and a
+            # collective (or a checkpoint off by one step) would be wrong. The last checkpoint stands.
             raise FaceclsError(
                 f"interrupted; resume from the last checkpoint with `facecls train --resume {self.run}`"
             ) from None
@@ -439,7 +441,8 @@ class Trainer:
         self.console.log(
             f"epoch {self.epoch}/{t.epochs}  train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}%"
             + (f"  val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}%" if val_metrics else "")
-            + f"  lr {lr:.2e}  {row['train_img_per_s']:.1f} img/s" + ("  (best)" if improved else "")
+            + f"  lr {lr:.2e}  {row['train_img_per_s']:.1f} img/s"
+            + ("  (best)" if improved else "")
         )
         if improved:
             self.save("best.ckpt")

@@ -119,9 +119,7 @@ def test_min_images_filters_identities(served: str, tmp_path: Path) -> None:
     assert not (tmp_path / "other" / "train").exists()
 
 
-def test_wrong_checksum_leaves_out_dir_untouched(
-    served: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_wrong_checksum_leaves_out_dir_untouched(served: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _pin(monkeypatch, "funneled", "f" * 64)
     out = tmp_path / "out"
     out.mkdir()

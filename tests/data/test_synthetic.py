@@ -96,9 +96,7 @@ def test_ensure_reuses_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert bigger != first and len(list((bigger / "train").iterdir())) == 5
 
 
-def test_interrupted_generation_leaves_nothing_complete(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_interrupted_generation_leaves_nothing_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
     real_render = synthetic.render_face
 

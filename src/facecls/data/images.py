@@ -146,7 +146,7 @@ class DecodedCache:
         failures: list[tuple[int, str]] = []
         if workers > 1 and n > chunk:
             with ProcessPoolExecutor(workers) as pool:
-                for job, result in zip(jobs, pool.map(_fill_chunk, jobs)):
+                for job, result in zip(jobs, pool.map(_fill_chunk, jobs), strict=True):
                     failures += result
                     if progress:
                         progress(len(job[2]))

@@ -55,7 +55,8 @@ class LoadReport:
     def summary(self) -> str:
         text = f"loaded {len(self.loaded)} tensors from {self.path}"
         if self.ignored:
-            text += f"; ignored {len(self.ignored)} ({', '.join(self.ignored[:4])}{', ...' if len(self.ignored) > 4 else ''})"
+            more = ", ..." if len(self.ignored) > 4 else ""
+            text += f"; ignored {len(self.ignored)} ({', '.join(self.ignored[:4])}{more})"
         return text
 
     def as_dict(self) -> dict:
