@@ -303,7 +303,11 @@ def run_command(args, argv: list[str]) -> int:
             detector=args.detector,
             workers=args.workers,
         )
-        print(summary)
+        print(
+            f"{summary.total} images: {summary.aligned} aligned, {summary.no_face} without a face, "
+            f"{summary.center_crop} centre-cropped, {summary.unreadable} unreadable, "
+            f"{summary.done_before} done before ({summary.seconds:.1f} s); report: {summary.report_path}"
+        )
         return 0
     if args.command == "models":
         from facecls.models.registry import get_entry, list_models
