@@ -22,7 +22,9 @@ JEMALLOC_PATHS = (
 
 def _maybe_reexec_with_jemalloc(argv: list[str]) -> None:
     """Re-run this command with jemalloc preloaded when it is installed (1.1-3.6x faster training on
-    CPU here: glibc malloc spends 25-30% of the time in page faults). FACECLS_JEMALLOC=0 turns it off."""
+    CPU here: glibc malloc spends 25-30% of the time in page faults). FACECLS_JEMALLOC=0 turns it off.
+    The re-run also gets OMP_WAIT_POLICY=passive (unless set): OpenMP threads that sleep instead of spinning
+    keep their speed when a loader worker or another process takes a core (see speed.resolve_runtime)."""
     if os.environ.get("FACECLS_JEMALLOC", "1") == "0" or "jemalloc" in os.environ.get("LD_PRELOAD", ""):
         return
     if not sys.platform.startswith("linux"):
@@ -33,6 +35,7 @@ def _maybe_reexec_with_jemalloc(argv: list[str]) -> None:
     env = dict(os.environ)
     env["LD_PRELOAD"] = f"{lib} {env['LD_PRELOAD']}".strip() if env.get("LD_PRELOAD") else lib
     env.setdefault("MALLOC_CONF", "background_thread:true,metadata_thp:auto,dirty_decay_ms:30000")
+    env.setdefault("OMP_WAIT_POLICY", "passive")
     try:
         os.execve(sys.executable, [sys.executable, "-m", "facecls", *argv], env)
     except OSError:

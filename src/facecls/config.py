@@ -195,6 +195,8 @@ class SpeedConfig:
     """DataLoader worker processes; null picks from the machine."""
     threads: int | None = None
     """CPU compute threads (torch.set_num_threads); null picks from the machine and the workers."""
+    fold_batchnorm: bool = True
+    """Prediction only: fold each BatchNorm into the convolution before it (checked on a probe batch)."""
     pin_memory: bool | None = None
     """Pinned host memory for GPU transfers; null picks (on for CUDA)."""
 

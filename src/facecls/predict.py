@@ -18,7 +18,7 @@ from facecls.data.scan import list_flat_images
 from facecls.distributed import broadcast_object, gather_objects, init_distributed
 from facecls.errors import FaceclsError
 from facecls.evaluation import load_run
-from facecls.speed import Runtime
+from facecls.speed import Runtime, fold_batchnorm
 
 
 @dataclass
@@ -63,6 +63,12 @@ class _DetectLoader:
         if crop is None:
             return resize_square(img, size), "no-face"
         return crop, "ok"
+
+
+def inference_model(model: torch.nn.Module, runtime: Runtime, input_size: int) -> torch.nn.Module:
+    """``model`` in eval mode, with BatchNorm folded into the convolutions when speed.fold_batchnorm is on."""
+    model = fold_batchnorm(model, input_size) if runtime.fold_batchnorm else model.eval()
+    return model.to(memory_format=torch.channels_last if runtime.channels_last else torch.contiguous_format)
 
 
 def predict_loader(
@@ -113,6 +119,7 @@ def predict_folder(
     dataset = ImageFiles(paths, loaded.preprocess.input_size, loader_fn)
     indices = shard(list(range(len(paths))), env.rank, env.world_size)
     loader = predict_loader(dataset, batch_size, loaded.runtime, indices)
+    model = inference_model(loaded.model, loaded.runtime, loaded.preprocess.input_size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -126,7 +133,7 @@ def predict_folder(
     if writer:
         writer.writerow(["image_name", "label"])
     try:
-        for pred, idx, status in predict_batches(loaded.model, loader, loaded.normalize, loaded.runtime):
+        for pred, idx, status in predict_batches(model, loader, loaded.normalize, loaded.runtime):
             for i, p, s in zip(idx, pred, status, strict=True):
                 name = paths[i].name
                 if s == "unreadable":

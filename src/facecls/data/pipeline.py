@@ -22,7 +22,9 @@ from facecls.runs import Preprocess
 from facecls.speed import Runtime
 
 
-def make_manifest(root: Path, data: DataConfig, manifest: Path | None = None) -> tuple[list[ManifestRow], list[SkippedFile]]:
+def make_manifest(
+    root: Path, data: DataConfig, manifest: Path | None = None
+) -> tuple[list[ManifestRow], list[SkippedFile]]:
     """The split: read from ``manifest`` when given, else a fresh seeded stratified split."""
     if manifest is not None:
         rows = read_manifest(manifest)

@@ -1,0 +1,513 @@
+"""Training, prediction and data-pipeline throughput: facecls's own path vs the seed notebook's naive loop.
+
+Everything is timed in one process, interleaved (naive block, facecls block, ... with the order
+alternating per round), after a warm-up block for each, so that the load of other processes on the
+machine hits both sides alike. A block is one pass over the benchmark's images (one epoch, or one
+prediction pass), so each side's loader starts and drains inside its own block: the facecls workers
+never work ahead while the naive loop is being timed. Peak memory is measured in a fresh subprocess
+per configuration and side.
+
+    python benchmarks/throughput.py --quick
+    python benchmarks/throughput.py --models resnet50 --sizes 224 --rounds 3
+
+The script re-executes itself with jemalloc preloaded when it is installed, like the ``facecls``
+command does (both sides then get it); ``--no-jemalloc`` runs with the system allocator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets as tv_datasets
+from torchvision import models as tvm
+from torchvision import transforms as T
+
+from facecls.cli import JEMALLOC_PATHS
+from facecls.config import load_recipe
+from facecls.data.datasets import ImageFiles
+from facecls.data.pipeline import build_datasets, make_manifest, train_loader
+from facecls.data.scan import list_flat_images
+from facecls.data.transforms import Normalize
+from facecls.distributed import DistEnv
+from facecls.engine import RunningStats, StepContext, train_one_epoch
+from facecls.models.registry import create_model
+from facecls.predict import inference_model, predict_batches, predict_loader
+from facecls.speed import resolve_runtime
+from facecls.training import build_optimizer, resolve_preprocess, set_phase
+
+CELEB24 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "celeb24"
+MODELS = ("resnet50", "mobilenet_v2", "inception_resnet_v1")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DEFAULT_THREADS = torch.get_num_threads()
+PREDICT_BATCH = 128  # `facecls predict --batch-size` default
+
+
+# ---- environment -------------------------------------------------------------------------------
+def reexec_with_jemalloc(enabled: bool) -> None:
+    """Preload jemalloc as ``facecls`` does (it must be loaded at process start)."""
+    if not enabled or "jemalloc" in os.environ.get("LD_PRELOAD", "") or not sys.platform.startswith("linux"):
+        return
+    lib = next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
+    if lib is None:
+        return
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = f"{lib} {env['LD_PRELOAD']}".strip() if env.get("LD_PRELOAD") else lib
+    env.setdefault("MALLOC_CONF", "background_thread:true,metadata_thp:auto,dirty_decay_ms:30000")
+    env.setdefault("OMP_WAIT_POLICY", "passive")
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def jemalloc_on() -> bool:
+    return "jemalloc" in os.environ.get("LD_PRELOAD", "")
+
+
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """A process's RSS high-water mark (VmHWM) in MiB."""
+    with open(f"/proc/{pid}/status", encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
+    """Achieved FLOP/s of a big square torch.mm (all of torch's threads)."""
+    torch.set_num_threads(DEFAULT_THREADS)
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    for _ in range(3):
+        torch.mm(a, b)
+    iters, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        torch.mm(a, b)
+        iters += 1
+    return 2 * n**3 * iters / (time.perf_counter() - started)
+
+
+# ---- data --------------------------------------------------------------------------------------
+def make_jpeg_data(dst: Path, size: int, identities: int, per_identity: int) -> Path:
+    """celeb24 PNGs resized to ``size`` and saved as JPEG (q90): train/<identity>/ and a flat test/."""
+    root = dst / f"jpeg{size}"
+    if (root / "done").exists():
+        return root
+    people = sorted(p for p in CELEB24.iterdir() if p.is_dir())[:identities]
+    (root / "test").mkdir(parents=True, exist_ok=True)
+    for person in people:
+        (root / "train" / person.name).mkdir(parents=True, exist_ok=True)
+        for file in sorted(person.iterdir())[:per_identity]:
+            img = Image.open(file).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+            img.save(root / "train" / person.name / f"{file.stem}.jpg", quality=90)
+            img.save(root / "test" / f"{person.name.replace(' ', '_')}_{file.stem}.jpg", quality=90)
+    (root / "done").touch()
+    return root
+
+
+def predict_files(data: Path, images: int) -> list[Path]:
+    """The flat test folder's files, repeated up to ``images`` (a Kaggle test folder has 35,000)."""
+    paths, _ = list_flat_images(data / "test")
+    return (paths * max(1, -(-images // len(paths))))[: max(images, len(paths))]
+
+
+def data_epochs(dataset: Dataset, images: int = 1500) -> int:
+    """Epochs per data-pipeline block: enough images that loader start-up does not dominate."""
+    return max(1, -(-images // len(dataset)))
+
+
+# ---- the naive reference: the seed notebook's way ----------------------------------------------
+def seed_head(features: int, classes: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(features, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(512, classes)
+    )
+
+
+def naive_model(name: str, classes: int) -> nn.Module:
+    if name == "resnet50":
+        model = tvm.resnet50(weights=None)
+        model.fc = seed_head(2048, classes)
+    elif name == "mobilenet_v2":
+        model = tvm.mobilenet_v2(weights=None)
+        model.classifier = seed_head(1280, classes)
+    else:
+        from facecls.models.inception_resnet_v1 import InceptionResnetV1
+
+        model = InceptionResnetV1(num_classes=classes, classify=True, dropout_prob=0.5)
+    return model
+
+
+def naive_train_transform(size: int) -> T.Compose:
+    return T.Compose(
+        [
+            T.Resize(round(size * 256 / 224)),
+            T.RandomResizedCrop(size, scale=(0.8, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.RandomRotation(15),
+            T.ColorJitter(0.2, 0.2, 0.2, 0.1),
+            T.RandomGrayscale(0.1),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+class NaiveFiles(Dataset):
+    """The notebook's test-set dataset: PIL open, Resize((S, S)), ToTensor, Normalize."""
+
+    def __init__(self, paths: list[Path], size: int):
+        self.paths = paths
+        self.transform = T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        return self.transform(Image.open(self.paths[index]).convert("RGB")), index
+
+
+class Naive:
+    """fp32, NCHW, ImageFolder + PIL transforms, DataLoader defaults (num_workers=0), Adam, all trainable."""
+
+    def __init__(self, name: str, data: Path, size: int, batch_size: int, predict_images: int = 0):
+        self.dataset = tv_datasets.ImageFolder(str(data / "train"), transform=naive_train_transform(size))
+        self.loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=True)
+        self.model = naive_model(name, len(self.dataset.classes))
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, betas=(0.9, 0.999))
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+        paths = predict_files(data, predict_images)
+        self.test_loader = DataLoader(NaiveFiles(paths, size), batch_size=batch_size)
+
+    def train_epoch(self, max_steps: int | None = None) -> int:
+        torch.set_num_threads(DEFAULT_THREADS)
+        self.model.train()
+        seen, running_loss, correct = 0, 0.0, 0
+        for step, (images, labels) in enumerate(self.loader):
+            if max_steps is not None and step >= max_steps:
+                break
+            self.optimizer.zero_grad()
+            outputs = self.model(images)
+            loss = self.criterion(outputs, labels)
+            loss.backward()
+            self.optimizer.step()
+            running_loss += loss.item() * images.size(0)
+            correct += (outputs.argmax(1) == labels).sum().item()
+            seen += len(labels)
+        return seen
+
+    def predict_pass(self) -> int:
+        torch.set_num_threads(DEFAULT_THREADS)
+        self.model.eval()
+        seen = 0
+        with torch.no_grad():
+            for images, _ in self.test_loader:
+                self.model(images).argmax(1).tolist()
+                seen += len(images)
+        return seen
+
+    def data_pass(self) -> int:
+        return sum(len(labels) for _ in range(data_epochs(self.dataset)) for _, labels in self.loader)
+
+
+# ---- facecls's own path ------------------------------------------------------------------------
+class Facecls:
+    """The recipe's defaults (speed.* untouched unless ``overrides`` say so), fine-tune phase, all trainable."""
+
+    def __init__(
+        self, name: str, data: Path, size: int, batch_size: int, cache_root: Path, overrides: list[str],
+        predict_images: int = 0,
+    ):
+        resize = round(size * 256 / 224)
+        recipe = load_recipe(
+            name,
+            [
+                "model.weights=none",
+                f"data.input_size={size}",
+                f"data.resize={resize}",
+                "data.split=[1.0, 0.0, 0.0]",
+                f"train.batch_size={batch_size}",
+                "train.unfreeze=all",
+                *overrides,
+            ],
+        )
+        self.recipe = recipe
+        self.runtime = resolve_runtime(recipe.speed, "cpu")
+        env = DistEnv()
+        rows, _ = make_manifest(data, recipe.data)
+        preprocess = resolve_preprocess(recipe)
+        started = time.perf_counter()
+        split_data = build_datasets(
+            data, rows, preprocess, recipe.data.augment, use_cache=recipe.speed.decoded_cache,
+            cache_root=cache_root, workers=max(1, self.runtime.threads), env=env, splits=("train",),
+        )
+        self.cache_seconds = time.perf_counter() - started
+        self.dataset = split_data.datasets["train"]
+        self.loader = train_loader(self.dataset, batch_size, recipe.train.seed, env, self.runtime)
+        torch.manual_seed(recipe.train.seed)
+        model = create_model(name, len(split_data.class_names), recipe.model.head)
+        memory_format = torch.channels_last if self.runtime.channels_last else torch.contiguous_format
+        self.model = model.to(memory_format=memory_format)
+        set_phase(self.model, frozen=False, train=recipe.train)
+        self.normalize = Normalize(preprocess.mean, preprocess.std, self.runtime.channels_last)
+        self.optimizer = build_optimizer(self.model, recipe)
+        self.step_model = torch.compile(self.model) if self.runtime.compile else self.model
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=recipe.train.label_smoothing)
+        self.epoch = 0
+        self.test_set = ImageFiles(predict_files(data, predict_images), preprocess.input_size)
+        self.input_size = preprocess.input_size
+
+    def _threads(self) -> None:
+        torch.set_num_threads(self.runtime.threads)
+
+    def train_epoch(self, max_steps: int | None = None) -> int:
+        self._threads()
+        ctx = StepContext(
+            self.optimizer, self.criterion, self.runtime, self.normalize, self.runtime.grad_scaler(),
+            max_steps=max_steps,
+        )
+        self.loader.sampler.set_epoch(self.epoch)
+        self.epoch += 1
+        stats = train_one_epoch(self.step_model, self.loader, ctx, RunningStats())
+        return int(stats.count)
+
+    def predict_pass(self) -> int:
+        """What ``facecls predict`` does per folder: prepare the model, one loader, all batches."""
+        self._threads()
+        model = inference_model(self.model, self.runtime, self.input_size)
+        loader = predict_loader(self.test_set, PREDICT_BATCH, self.runtime)
+        return sum(len(pred) for pred, _, _ in predict_batches(model, loader, self.normalize, self.runtime))
+
+    def data_pass(self) -> int:
+        images = 0
+        for _ in range(data_epochs(self.dataset)):
+            self.loader.sampler.set_epoch(self.epoch)
+            self.epoch += 1
+            images += sum(len(labels) for _, labels, _ in self.loader)
+        return images
+
+
+# ---- measurement -------------------------------------------------------------------------------
+def interleaved(naive_fn, facecls_fn, rounds: int) -> dict:
+    """Warm-up block each, then ``rounds`` rounds of one block each, order alternating; img/s sums."""
+    totals = {"naive": [0, 0.0], "facecls": [0, 0.0]}
+    per_round = []
+    sides = {"naive": naive_fn, "facecls": facecls_fn}
+    for side in ("naive", "facecls"):
+        sides[side]()
+    for r in range(rounds):
+        order = ("naive", "facecls") if r % 2 == 0 else ("facecls", "naive")
+        this = {}
+        for side in order:
+            started = time.perf_counter()
+            images = sides[side]()
+            seconds = time.perf_counter() - started
+            totals[side][0] += images
+            totals[side][1] += seconds
+            this[side] = images / seconds
+        per_round.append(this["facecls"] / this["naive"])
+    out = {side: images / seconds for side, (images, seconds) in totals.items()}
+    out["ratio"] = out["facecls"] / out["naive"]
+    out["ratio_per_round"] = per_round
+    return out
+
+
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                         _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """Each of grad-input and grad-weight costs what the forward convolution costs. (torch's own formula
+    ignores groups for grad-weight: 11.7 instead of 1.2 GFLOP per image for MobileNetV2's backward.)"""
+    from torch.utils.flop_counter import conv_flop_count
+
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def train_flops_per_image(name: str, size: int) -> float:
+    """FLOPs of one forward + backward per image, counted by FlopCounterMode (precision does not change it)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = naive_model(name, 24).train()
+    x = torch.randn(4, 3, size, size)
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops})
+    with counter:
+        model(x).sum().backward()
+    return counter.get_total_flops() / 4
+
+
+def memory_child(args) -> None:
+    """Subprocess: a few training steps of one side, then print the peak RSS as JSON."""
+    if args.side == "naive":
+        runner = Naive(args.models[0], args.data, args.sizes[0], args.batch_size)
+    else:
+        runner = Facecls(args.models[0], args.data, args.sizes[0], args.batch_size, args.cache, args.set)
+    runner.train_epoch(max_steps=args.memory_steps)
+    # DataLoader workers are alive (persistent) at this point: read their high-water marks too.
+    iterator = getattr(runner.loader, "_iterator", None)
+    workers = [peak_rss_mb(w.pid) for w in getattr(iterator, "_workers", [])]
+    print(json.dumps({"main_mb": peak_rss_mb(), "worker_mb": sum(workers), "workers": len(workers)}))
+
+
+def measure_memory(args, name: str, size: int, side: str, data: Path) -> dict:
+    command = [
+        sys.executable, __file__, "--_memory-child", side, "--models", name, "--sizes", str(size),
+        "--data", str(data), "--cache", str(args.cache), "--batch-size", str(args.batch_size),
+        "--memory-steps", str(args.memory_steps), *[f"--set={s}" for s in args.set],
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ), check=False)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"rc {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def lscpu_summary() -> str:
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        return platform.processor()
+    keep = ("Model name", "CPU(s):", "Thread(s) per core", "Core(s) per socket", "L2 cache", "L3 cache")
+    lines = [line for line in text.splitlines() if line.startswith(keep)]
+    flags = next((line for line in text.splitlines() if line.startswith("Flags")), "")
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags.split()]
+    return "; ".join(" ".join(line.split()) for line in lines) + f"; ISA: {', '.join(isa)}"
+
+
+def run(args) -> dict:
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="facecls-bench-"))
+    args.cache = work / "cache"
+    results = {
+        "machine": lscpu_summary(),
+        "jemalloc": jemalloc_on(),
+        "torch": torch.__version__,
+        "default_threads": DEFAULT_THREADS,
+        "batch_size": args.batch_size,
+        "images": f"{args.identities} identities x {args.per_identity} images",
+        "rounds": args.rounds,
+        "predict_images_per_pass": args.predict_images,
+        "predict_batch": {"naive": args.batch_size, "facecls": PREDICT_BATCH},
+        "overrides": args.set,
+        "configs": [],
+    }
+    print(f"jemalloc: {'on' if results['jemalloc'] else 'off'}; torch {torch.__version__}; "
+          f"{DEFAULT_THREADS} threads; {results['machine']}", flush=True)
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s", flush=True)
+    for size in args.sizes:
+        data = make_jpeg_data(work, size, args.identities, args.per_identity)
+        for name in args.models:
+            print(f"== {name} @ {size}px", flush=True)
+            naive = Naive(name, data, size, args.batch_size, args.predict_images)
+            fc = Facecls(name, data, size, args.batch_size, args.cache, args.set, args.predict_images)
+            config = {"model": name, "size": size, "runtime": fc.runtime.as_dict(), "cache_build_s": fc.cache_seconds}
+            config["data"] = interleaved(naive.data_pass, fc.data_pass, args.rounds)
+            print(f"   data pipeline  {fmt(config['data'])}", flush=True)
+            config["train"] = interleaved(naive.train_epoch, fc.train_epoch, args.rounds)
+            print(f"   train          {fmt(config['train'])}", flush=True)
+            config["predict"] = interleaved(naive.predict_pass, fc.predict_pass, args.rounds)
+            print(f"   predict        {fmt(config['predict'])}", flush=True)
+            flops = train_flops_per_image(name, size)
+            config["train_gflop_per_image"] = flops / 1e9
+            config["flops_fraction"] = {
+                side: {p: flops * config["train"][side] / peak for p, peak in peaks.items()}
+                for side in ("naive", "facecls")
+            }
+            del naive, fc
+            if args.memory:
+                config["memory"] = {side: measure_memory(args, name, size, side, data) for side in ("naive", "facecls")}
+                print(f"   peak RSS MiB   {config['memory']}", flush=True)
+            results["configs"].append(config)
+    end_peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    results["matmul_peak_gflops"] = {k: max(peaks[k], end_peaks[k]) / 1e9 for k in peaks}
+    results["matmul_peak_gflops_start_end"] = {k: [peaks[k] / 1e9, end_peaks[k] / 1e9] for k in peaks}
+    return results
+
+
+def fmt(m: dict) -> str:
+    rounds = " ".join(f"{r:.2f}" for r in m["ratio_per_round"])
+    return f"naive {m['naive']:7.1f} img/s  facecls {m['facecls']:7.1f} img/s  x{m['ratio']:.2f}  (rounds: {rounds})"
+
+
+def table(results: dict) -> str:
+    peaks = results["matmul_peak_gflops"]
+    lines = [
+        f"jemalloc {'on' if results['jemalloc'] else 'off'}; batch {results['batch_size']}; "
+        f"{results['images']}; {results['rounds']} timed round(s) after a warm-up block; "
+        f"matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s",
+        "",
+        "| model | px | train naive | train facecls | x | predict naive | predict facecls | x "
+        "| data naive | data facecls | data / fastest model | facecls GFLOP/s (% fp32, % bf16 peak) "
+        "| peak RSS MiB naive / facecls (+worker) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_size: dict[int, float] = {}
+    for c in results["configs"]:
+        by_size[c["size"]] = max(by_size.get(c["size"], 0.0), c["train"]["facecls"])
+    for c in results["configs"]:
+        tr, pr, da = c["train"], c["predict"], c["data"]
+        frac = c["flops_fraction"]["facecls"]
+        gflops = c["train_gflop_per_image"] * tr["facecls"]
+        mem = c.get("memory")
+        mem_text = "-"
+        if mem and "error" not in mem["naive"] and "error" not in mem["facecls"]:
+            mem_text = (f"{mem['naive']['main_mb']:.0f} / {mem['facecls']['main_mb']:.0f} "
+                        f"(+{mem['facecls']['worker_mb']:.0f})")
+        lines.append(
+            f"| {c['model']} | {c['size']} | {tr['naive']:.1f} | {tr['facecls']:.1f} | {tr['ratio']:.2f} "
+            f"| {pr['naive']:.1f} | {pr['facecls']:.1f} | {pr['ratio']:.2f} "
+            f"| {da['naive']:.0f} | {da['facecls']:.0f} | {da['facecls'] / by_size[c['size']]:.1f} "
+            f"| {gflops:.1f} ({100 * frac['fp32']:.0f}%, {100 * frac['bf16']:.0f}%) | {mem_text} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer images and one timed round (a few minutes)")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--sizes", nargs="+", type=int, default=[224, 112])
+    p.add_argument("--batch-size", type=int, default=64, help="the recipes' batch (64)")
+    p.add_argument("--identities", type=int, default=24)
+    p.add_argument("--per-identity", type=int, help="images per identity (default 20, --quick 8)")
+    p.add_argument("--rounds", type=int, help="timed rounds per measurement (default 2, --quick 1)")
+    p.add_argument("--predict-images", type=int, help="images per prediction pass (default 1000, --quick 400)")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-RSS subprocesses")
+    p.add_argument("--memory-steps", type=int, default=3)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override for the facecls side, e.g. --set speed.workers=0")
+    p.add_argument("--no-jemalloc", action="store_true", help="run with the system allocator")
+    p.add_argument("--workdir", type=Path, help="keep the JPEGs and the decoded cache here (default: a temp dir)")
+    p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    p.add_argument("--_memory-child", dest="memory_child", choices=["naive", "facecls"], help=argparse.SUPPRESS)
+    p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.per_identity = args.per_identity or (8 if args.quick else 20)
+    args.rounds = args.rounds or (1 if args.quick else 2)
+    args.predict_images = args.predict_images or (400 if args.quick else 1000)
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    reexec_with_jemalloc(not args.no_jemalloc)
+    if args.memory_child:
+        args.side = args.memory_child
+        memory_child(args)
+        return 0
+    results = run(args)
+    print()
+    print(table(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
