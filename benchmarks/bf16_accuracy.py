@@ -46,14 +46,29 @@ def recipe_args() -> list[str]:
 
 def train(data: Path, run: Path, precision: str, args: argparse.Namespace, manifest: Path | None) -> dict:
     command = [
-        sys.executable, "-m", "facecls", "train", *recipe_args(), "--data", str(data), "--out", str(run),
-        "--offline", "--no-progress",
-        "--set", f"speed.precision={precision}",
-        "--set", f"train.epochs={args.epochs}",
-        "--set", f"train.frozen_epochs={args.frozen_epochs}",
-        "--set", "train.unfreeze=all",
-        "--set", f"train.seed={args.seed}",
-        "--set", f"train.max_steps_per_epoch={args.max_steps or 'null'}",
+        sys.executable,
+        "-m",
+        "facecls",
+        "train",
+        *recipe_args(),
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--offline",
+        "--no-progress",
+        "--set",
+        f"speed.precision={precision}",
+        "--set",
+        f"train.epochs={args.epochs}",
+        "--set",
+        f"train.frozen_epochs={args.frozen_epochs}",
+        "--set",
+        "train.unfreeze=all",
+        "--set",
+        f"train.seed={args.seed}",
+        "--set",
+        f"train.max_steps_per_epoch={args.max_steps or 'null'}",
         *[a for o in args.set for a in ("--set", o)],
     ]
     if manifest is not None:
@@ -98,16 +113,22 @@ def main() -> int:
     diff = 100 * (bf16["best_val_acc"] - fp32["best_val_acc"])
     print()
     steps = f", at most {args.max_steps} steps each" if args.max_steps else ""
-    print(f"recipe: {' '.join(recipe_args())}; {args.epochs} epochs ({args.frozen_epochs} frozen{steps}), "
-          f"seed {args.seed}")
-    print("| precision | best val acc | test acc | val acc per epoch | val loss per epoch | train img/s per epoch "
-          "| wall s |")
+    print(
+        f"recipe: {' '.join(recipe_args())}; {args.epochs} epochs ({args.frozen_epochs} frozen{steps}), "
+        f"seed {args.seed}"
+    )
+    print(
+        "| precision | best val acc | test acc | val acc per epoch | val loss per epoch | train img/s per epoch "
+        "| wall s |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in (fp32, bf16):
-        print(f"| {r['precision']} | {100 * r['best_val_acc']:.2f}% | {100 * r['test_acc']:.2f}% "
-              f"| {' '.join(f'{100 * v:.2f}' for v in r['val_acc_per_epoch'])} "
-              f"| {' '.join(f'{v:.4f}' for v in r['val_loss_per_epoch'])} "
-              f"| {' '.join(f'{v:.1f}' for v in r['train_img_per_s'])} | {r['seconds']:.0f} |")
+        print(
+            f"| {r['precision']} | {100 * r['best_val_acc']:.2f}% | {100 * r['test_acc']:.2f}% "
+            f"| {' '.join(f'{100 * v:.2f}' for v in r['val_acc_per_epoch'])} "
+            f"| {' '.join(f'{v:.4f}' for v in r['val_loss_per_epoch'])} "
+            f"| {' '.join(f'{v:.1f}' for v in r['train_img_per_s'])} | {r['seconds']:.0f} |"
+        )
     verdict = "within" if abs(diff) <= 1.0 else "NOT within"
     print(f"\nbf16 - fp32 best validation accuracy: {diff:+.2f} points ({verdict} 1 point)")
     if args.json:

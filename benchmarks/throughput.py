@@ -119,7 +119,7 @@ def predict_files(data: Path, images: int) -> list[Path]:
     return (paths * max(1, -(-images // len(paths))))[: max(images, len(paths))]
 
 
-def data_epochs(dataset: Dataset, images: int = 1500) -> int:
+def data_epochs(dataset: Dataset, images: int) -> int:
     """Epochs per data-pipeline block: enough images that loader start-up does not dominate."""
     return max(1, -(-images // len(dataset)))
 
@@ -177,7 +177,9 @@ class NaiveFiles(Dataset):
 class Naive:
     """fp32, NCHW, ImageFolder + PIL transforms, DataLoader defaults (num_workers=0), Adam, all trainable."""
 
-    def __init__(self, name: str, data: Path, size: int, batch_size: int, predict_images: int = 0):
+    def __init__(
+        self, name: str, data: Path, size: int, batch_size: int, predict_images: int = 0, data_images: int = 0
+    ):
         self.dataset = tv_datasets.ImageFolder(str(data / "train"), transform=naive_train_transform(size))
         self.loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=True)
         self.model = naive_model(name, len(self.dataset.classes))
@@ -185,6 +187,7 @@ class Naive:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
         paths = predict_files(data, predict_images)
         self.test_loader = DataLoader(NaiveFiles(paths, size), batch_size=batch_size)
+        self.data_images = data_images
 
     def train_epoch(self, max_steps: int | None = None) -> int:
         torch.set_num_threads(DEFAULT_THREADS)
@@ -214,7 +217,7 @@ class Naive:
         return seen
 
     def data_pass(self) -> int:
-        return sum(len(labels) for _ in range(data_epochs(self.dataset)) for _, labels in self.loader)
+        return sum(len(labels) for _ in range(data_epochs(self.dataset, self.data_images)) for _, labels in self.loader)
 
 
 # ---- facecls's own path ------------------------------------------------------------------------
@@ -222,8 +225,15 @@ class Facecls:
     """The recipe's defaults (speed.* untouched unless ``overrides`` say so), fine-tune phase, all trainable."""
 
     def __init__(
-        self, name: str, data: Path, size: int, batch_size: int, cache_root: Path, overrides: list[str],
+        self,
+        name: str,
+        data: Path,
+        size: int,
+        batch_size: int,
+        cache_root: Path,
+        overrides: list[str],
         predict_images: int = 0,
+        data_images: int = 0,
     ):
         resize = round(size * 256 / 224)
         recipe = load_recipe(
@@ -245,8 +255,15 @@ class Facecls:
         preprocess = resolve_preprocess(recipe)
         started = time.perf_counter()
         split_data = build_datasets(
-            data, rows, preprocess, recipe.data.augment, use_cache=recipe.speed.decoded_cache,
-            cache_root=cache_root, workers=max(1, self.runtime.threads), env=env, splits=("train",),
+            data,
+            rows,
+            preprocess,
+            recipe.data.augment,
+            use_cache=recipe.speed.decoded_cache,
+            cache_root=cache_root,
+            workers=max(1, self.runtime.threads),
+            env=env,
+            splits=("train",),
         )
         self.cache_seconds = time.perf_counter() - started
         self.dataset = split_data.datasets["train"]
@@ -263,6 +280,7 @@ class Facecls:
         self.epoch = 0
         self.test_set = ImageFiles(predict_files(data, predict_images), preprocess.input_size)
         self.input_size = preprocess.input_size
+        self.data_images = data_images
 
     def _threads(self) -> None:
         torch.set_num_threads(self.runtime.threads)
@@ -270,7 +288,11 @@ class Facecls:
     def train_epoch(self, max_steps: int | None = None) -> int:
         self._threads()
         ctx = StepContext(
-            self.optimizer, self.criterion, self.runtime, self.normalize, self.runtime.grad_scaler(),
+            self.optimizer,
+            self.criterion,
+            self.runtime,
+            self.normalize,
+            self.runtime.grad_scaler(),
             max_steps=max_steps,
         )
         self.loader.sampler.set_epoch(self.epoch)
@@ -287,7 +309,7 @@ class Facecls:
 
     def data_pass(self) -> int:
         images = 0
-        for _ in range(data_epochs(self.dataset)):
+        for _ in range(data_epochs(self.dataset, self.data_images)):
             self.loader.sampler.set_epoch(self.epoch)
             self.epoch += 1
             images += sum(len(labels) for _, labels, _ in self.loader)
@@ -319,8 +341,21 @@ def interleaved(naive_fn, facecls_fn, rounds: int) -> dict:
     return out
 
 
-def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
-                         _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+def _conv_backward_flops(
+    grad_out_shape,
+    x_shape,
+    w_shape,
+    _bias,
+    _stride,
+    _padding,
+    _dilation,
+    transposed,
+    _output_padding,
+    _groups,
+    output_mask,
+    out_shape=None,
+    **kwargs,
+) -> int:
     """Each of grad-input and grad-weight costs what the forward convolution costs. (torch's own formula
     ignores groups for grad-weight: 11.7 instead of 1.2 GFLOP per image for MobileNetV2's backward.)"""
     from torch.utils.flop_counter import conv_flop_count
@@ -356,9 +391,23 @@ def memory_child(args) -> None:
 
 def measure_memory(args, name: str, size: int, side: str, data: Path) -> dict:
     command = [
-        sys.executable, __file__, "--_memory-child", side, "--models", name, "--sizes", str(size),
-        "--data", str(data), "--cache", str(args.cache), "--batch-size", str(args.batch_size),
-        "--memory-steps", str(args.memory_steps), *[f"--set={s}" for s in args.set],
+        sys.executable,
+        __file__,
+        "--_memory-child",
+        side,
+        "--models",
+        name,
+        "--sizes",
+        str(size),
+        "--data",
+        str(data),
+        "--cache",
+        str(args.cache),
+        "--batch-size",
+        str(args.batch_size),
+        "--memory-steps",
+        str(args.memory_steps),
+        *[f"--set={s}" for s in args.set],
     ]
     done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ), check=False)
     if done.returncode != 0:
@@ -389,21 +438,25 @@ def run(args) -> dict:
         "batch_size": args.batch_size,
         "images": f"{args.identities} identities x {args.per_identity} images",
         "rounds": args.rounds,
+        "data_images_per_block": args.data_images,
         "predict_images_per_pass": args.predict_images,
         "predict_batch": {"naive": args.batch_size, "facecls": PREDICT_BATCH},
         "overrides": args.set,
         "configs": [],
     }
-    print(f"jemalloc: {'on' if results['jemalloc'] else 'off'}; torch {torch.__version__}; "
-          f"{DEFAULT_THREADS} threads; {results['machine']}", flush=True)
+    print(
+        f"jemalloc: {'on' if results['jemalloc'] else 'off'}; torch {torch.__version__}; "
+        f"{DEFAULT_THREADS} threads; {results['machine']}",
+        flush=True,
+    )
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s", flush=True)
     for size in args.sizes:
         data = make_jpeg_data(work, size, args.identities, args.per_identity)
         for name in args.models:
             print(f"== {name} @ {size}px", flush=True)
-            naive = Naive(name, data, size, args.batch_size, args.predict_images)
-            fc = Facecls(name, data, size, args.batch_size, args.cache, args.set, args.predict_images)
+            naive = Naive(name, data, size, args.batch_size, args.predict_images, args.data_images)
+            fc = Facecls(name, data, size, args.batch_size, args.cache, args.set, args.predict_images, args.data_images)
             config = {"model": name, "size": size, "runtime": fc.runtime.as_dict(), "cache_build_s": fc.cache_seconds}
             config["data"] = interleaved(naive.data_pass, fc.data_pass, args.rounds)
             print(f"   data pipeline  {fmt(config['data'])}", flush=True)
@@ -411,20 +464,22 @@ def run(args) -> dict:
             print(f"   train          {fmt(config['train'])}", flush=True)
             config["predict"] = interleaved(naive.predict_pass, fc.predict_pass, args.rounds)
             print(f"   predict        {fmt(config['predict'])}", flush=True)
-            flops = train_flops_per_image(name, size)
-            config["train_gflop_per_image"] = flops / 1e9
-            config["flops_fraction"] = {
-                side: {p: flops * config["train"][side] / peak for p, peak in peaks.items()}
-                for side in ("naive", "facecls")
-            }
+            config["train_gflop_per_image"] = train_flops_per_image(name, size) / 1e9
             del naive, fc
             if args.memory:
                 config["memory"] = {side: measure_memory(args, name, size, side, data) for side in ("naive", "facecls")}
                 print(f"   peak RSS MiB   {config['memory']}", flush=True)
             results["configs"].append(config)
     end_peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    # The higher of the two measurements is the better estimate of what the cores can do.
     results["matmul_peak_gflops"] = {k: max(peaks[k], end_peaks[k]) / 1e9 for k in peaks}
     results["matmul_peak_gflops_start_end"] = {k: [peaks[k] / 1e9, end_peaks[k] / 1e9] for k in peaks}
+    for config in results["configs"]:
+        config["train_gflops"] = {s: config["train_gflop_per_image"] * config["train"][s] for s in ("naive", "facecls")}
+        config["train_peak_fraction"] = {
+            side: {p: gflops / peak for p, peak in results["matmul_peak_gflops"].items()}
+            for side, gflops in config["train_gflops"].items()
+        }
     return results
 
 
@@ -441,60 +496,83 @@ def table(results: dict) -> str:
         f"matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s",
         "",
         "| model | px | train naive | train facecls | x | predict naive | predict facecls | x "
-        "| data naive | data facecls | data / fastest model | facecls GFLOP/s (% fp32, % bf16 peak) "
-        "| peak RSS MiB naive / facecls (+worker) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| data naive | data facecls | data / fastest model | train GFLOP/s naive (% fp32 peak) "
+        "| train GFLOP/s facecls (% bf16 peak) | peak RSS MiB naive / facecls (+worker) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_size: dict[int, float] = {}
     for c in results["configs"]:
         by_size[c["size"]] = max(by_size.get(c["size"], 0.0), c["train"]["facecls"])
     for c in results["configs"]:
         tr, pr, da = c["train"], c["predict"], c["data"]
-        frac = c["flops_fraction"]["facecls"]
-        gflops = c["train_gflop_per_image"] * tr["facecls"]
+        gflops = {side: c["train_gflop_per_image"] * tr[side] for side in ("naive", "facecls")}
         mem = c.get("memory")
         mem_text = "-"
         if mem and "error" not in mem["naive"] and "error" not in mem["facecls"]:
-            mem_text = (f"{mem['naive']['main_mb']:.0f} / {mem['facecls']['main_mb']:.0f} "
-                        f"(+{mem['facecls']['worker_mb']:.0f})")
+            mem_text = (
+                f"{mem['naive']['main_mb']:.0f} / {mem['facecls']['main_mb']:.0f} (+{mem['facecls']['worker_mb']:.0f})"
+            )
         lines.append(
             f"| {c['model']} | {c['size']} | {tr['naive']:.1f} | {tr['facecls']:.1f} | {tr['ratio']:.2f} "
             f"| {pr['naive']:.1f} | {pr['facecls']:.1f} | {pr['ratio']:.2f} "
             f"| {da['naive']:.0f} | {da['facecls']:.0f} | {da['facecls'] / by_size[c['size']]:.1f} "
-            f"| {gflops:.1f} ({100 * frac['fp32']:.0f}%, {100 * frac['bf16']:.0f}%) | {mem_text} |"
+            f"| {gflops['naive']:.0f} ({100 * gflops['naive'] / peaks['fp32']:.0f}%) "
+            f"| {gflops['facecls']:.0f} ({100 * gflops['facecls'] / peaks['bf16']:.0f}%) | {mem_text} |"
         )
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer images and one timed round (a few minutes)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: batch 32, 4 images per identity, one timed round, short passes",
+    )
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--sizes", nargs="+", type=int, default=[224, 112])
-    p.add_argument("--batch-size", type=int, default=64, help="the recipes' batch (64)")
+    p.add_argument("--batch-size", type=int, help="training batch (default: the recipes' 64, --quick 32)")
     p.add_argument("--identities", type=int, default=24)
-    p.add_argument("--per-identity", type=int, help="images per identity (default 20, --quick 8)")
+    p.add_argument("--per-identity", type=int, help="images per identity (default 20, --quick 4)")
     p.add_argument("--rounds", type=int, help="timed rounds per measurement (default 2, --quick 1)")
-    p.add_argument("--predict-images", type=int, help="images per prediction pass (default 1000, --quick 400)")
-    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-RSS subprocesses")
-    p.add_argument("--memory-steps", type=int, default=3)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="recipe override for the facecls side, e.g. --set speed.workers=0")
+    p.add_argument("--predict-images", type=int, help="images per prediction pass (default 1000, --quick 200)")
+    p.add_argument("--data-images", type=int, help="images per data-pipeline block (default 1500, --quick 500)")
+    p.add_argument(
+        "--memory",
+        action=argparse.BooleanOptionalAction,
+        help="peak RSS per configuration and side, in subprocesses (default: on, off with --quick)",
+    )
+    p.add_argument("--memory-steps", type=int, help="training steps before reading peak RSS (default 3, --quick 2)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override for the facecls side, e.g. --set speed.workers=0",
+    )
     p.add_argument("--no-jemalloc", action="store_true", help="run with the system allocator")
     p.add_argument("--workdir", type=Path, help="keep the JPEGs and the decoded cache here (default: a temp dir)")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    p.add_argument("--report", type=Path, metavar="JSON", help="print the table of an earlier run's JSON and exit")
     p.add_argument("--_memory-child", dest="memory_child", choices=["naive", "facecls"], help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.per_identity = args.per_identity or (8 if args.quick else 20)
+    args.batch_size = args.batch_size or (32 if args.quick else 64)
+    args.per_identity = args.per_identity or (4 if args.quick else 20)
     args.rounds = args.rounds or (1 if args.quick else 2)
-    args.predict_images = args.predict_images or (400 if args.quick else 1000)
+    args.predict_images = args.predict_images or (200 if args.quick else 1000)
+    args.memory_steps = args.memory_steps or (2 if args.quick else 3)
+    args.data_images = args.data_images or (500 if args.quick else 1500)
+    args.memory = (not args.quick) if args.memory is None else args.memory
     return args
 
 
 def main() -> int:
     args = parse_args()
+    if args.report:
+        print(table(json.loads(args.report.read_text())))
+        return 0
     reexec_with_jemalloc(not args.no_jemalloc)
     if args.memory_child:
         args.side = args.memory_child

@@ -184,8 +184,10 @@ def predict_folder(
                 if p.name in no_face_set:
                     status = "no-face (centre crop)"
                 w.writerow([p.name, status])
-        console.log(f"detection: {len(paths) - len(no_face) - len(skipped)} aligned, {len(no_face)} without a face "
-                    f"(predicted on a centre crop); see {report}")
+        console.log(
+            f"detection: {len(paths) - len(no_face) - len(skipped)} aligned, {len(no_face)} without a face "
+            f"(predicted on a centre crop); see {report}"
+        )
     if skipped:
         console.warn(f"skipped {len(skipped)} unreadable images: {_list_for_error(skipped)}")
     console.log(f"wrote {written} rows to {out}")
