@@ -41,6 +41,10 @@ def test_seed_settings_are_exact():
 def test_overrides_and_strictness(tmp_path):
     r = load_recipe("resnet50", ["train.epochs=5", "optim.lr=0.01", "data.augment.rotation=0"])
     assert r.train.epochs == 5 and r.optim.lr == 0.01 and r.data.augment.rotation == 0
+    # YAML 1.1 reads "1e-3" as a string; a number field takes it as the number the user meant.
+    assert load_recipe("resnet50", ["optim.lr=1e-3"]).optim.lr == 1e-3
+    with pytest.raises(FaceclsError, match="optim.lr: expected a number"):
+        load_recipe("resnet50", ["optim.lr=fast"])
     with pytest.raises(FaceclsError, match="unknown key 'train.epoch'"):
         load_recipe("resnet50", ["train.epoch=2"])
     with pytest.raises(FaceclsError, match="train.epochs: expected an integer"):

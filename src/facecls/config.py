@@ -7,6 +7,7 @@ the YAML file or overridden on the command line with ``--set section.field=value
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from typing import Any, Literal
 import yaml
 
 from facecls.errors import FaceclsError
+
+_PLAIN_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -265,6 +268,9 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
             raise ValueError(f"{where}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and _PLAIN_NUMBER.fullmatch(value.strip()):
+            # PyYAML follows YAML 1.1, which reads "1e-3" (no dot) as a string; users mean the number.
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"{where}: expected a number, got {value!r}")
         return float(value)
