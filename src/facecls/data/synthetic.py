@@ -67,13 +67,13 @@ HAIR_STYLES = ("bald", "short", "long", "side_part", "curly", "bun", "buzz")
 
 @dataclass(frozen=True)
 class SyntheticSpec:
-    """What to generate; the defaults make the `facecls demo` set (1,200 images at 64 px)."""
+    """What to generate; the defaults make the `facecls demo` set (900 images at 64 px)."""
 
-    identities: int = 40
+    identities: int = 20
     """Number of identities (class folders id_0000, id_0001, ...)."""
-    images_per_identity: int = 24
+    images_per_identity: int = 40
     """Labelled images per identity under train/."""
-    test_per_identity: int = 6
+    test_per_identity: int = 5
     """Unlabelled images per identity under test/ (their labels go to test_solution.csv)."""
     size: int = 64
     """Side of the square output images in pixels."""
