@@ -94,6 +94,17 @@ def test_train_evaluate_predict_score_compare(orl_data, tmp_path, capsys):
     assert len(sub_rows) - 1 == 2 * IDENTITIES
     assert [r[0] for r in sub_rows[1:]] == sorted(r[0] for r in sub_rows[1:])
 
+    # The compiled path (40 images in batches of 16: the last one eager) predicts what the eager one does.
+    compiled = tmp_path / "compiled.csv"
+    args = ["--out", str(compiled), "--compile", "--batch-size", "16", "--no-progress"]
+    assert main(["predict", str(run), "--images", str(orl_data / "test"), *args]) == 0
+    err = capsys.readouterr().err
+    assert "compiling the model" in err and "torch.compile failed" not in err
+    with open(compiled) as handle:
+        compiled_rows = list(csv.reader(handle))
+    same = sum(a == b for a, b in zip(compiled_rows[1:], sub_rows[1:], strict=True))
+    assert same >= len(sub_rows) - 2  # bf16 rounding may flip a near-tie
+
     capsys.readouterr()
     assert main(["score", str(submission), "--solution", str(orl_data / "solution.csv"), "--run", str(run)]) == 0
     accuracy = float(capsys.readouterr().out.split()[1].rstrip("%"))

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from facecls.config import SpeedConfig
-from facecls.speed import fold_batchnorm, resolve_runtime
+from facecls.speed import (
+    COMPILE_INFERENCE_MIN_IMAGES,
+    CompiledInference,
+    fold_batchnorm,
+    resolve_runtime,
+    use_compiled_inference,
+)
 
 
 def test_cpu_threads_and_workers_never_oversubscribe(monkeypatch):
@@ -54,3 +60,59 @@ def test_fold_batchnorm_only_where_it_changes_nothing(reuse):
     assert (folded is model) == reuse
     if not reuse:
         assert isinstance(folded.bn, torch.nn.Identity)
+
+
+def _small_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 5),
+    )
+    net[1].running_mean.uniform_(-1, 1)
+    net[1].running_var.uniform_(0.5, 2)
+    return net.eval()
+
+
+def test_compiled_inference_matches_eager_including_a_smaller_last_batch():
+    net = _small_net()
+    compiled = CompiledInference(net, batch_size=8)
+    x = torch.randn(13, 3, 16, 16)
+    with torch.inference_mode():
+        outputs = [compiled(x[:8]), compiled(x[8:])]  # the second batch (5) runs eagerly
+        expected = net(x)
+    assert compiled.failure is None
+    got = torch.cat(outputs)
+    assert got.shape == (13, 5)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_inference_falls_back_to_eager_when_compiling_fails(monkeypatch):
+    def broken(*args, **kwargs):
+        def run(_x):
+            raise RuntimeError("no C++ compiler found\nlong details")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    net = _small_net()
+    compiled = CompiledInference(net, batch_size=4)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.inference_mode():
+        got = compiled(x)
+        again = compiled(x)
+        expected = net(x)
+    assert compiled.failure == "RuntimeError: no C++ compiler found"
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(again, expected)
+
+
+def test_compiled_inference_is_on_for_large_jobs_unless_the_recipe_says():
+    auto = resolve_runtime(SpeedConfig())
+    assert not use_compiled_inference(auto, COMPILE_INFERENCE_MIN_IMAGES - 1)
+    assert use_compiled_inference(auto, COMPILE_INFERENCE_MIN_IMAGES)
+    assert not use_compiled_inference(resolve_runtime(SpeedConfig(compile_inference=False)), 10**6)
+    assert use_compiled_inference(resolve_runtime(SpeedConfig(compile_inference=True)), 1)

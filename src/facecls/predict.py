@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from facecls.data.scan import list_flat_images
 from facecls.distributed import broadcast_object, gather_objects, init_distributed
 from facecls.errors import FaceclsError
 from facecls.evaluation import load_run
-from facecls.speed import Runtime, fold_batchnorm
+from facecls.speed import CompiledInference, Runtime, fold_batchnorm, use_compiled_inference
 
 
 @dataclass
@@ -65,10 +66,28 @@ class _DetectLoader:
         return crop, "ok"
 
 
-def inference_model(model: torch.nn.Module, runtime: Runtime, input_size: int) -> torch.nn.Module:
-    """``model`` in eval mode, with BatchNorm folded into the convolutions when speed.fold_batchnorm is on."""
+def inference_model(
+    model: torch.nn.Module,
+    runtime: Runtime,
+    input_size: int,
+    images: int = 0,
+    batch_size: int = 128,
+    console: Console | None = None,
+) -> torch.nn.Module:
+    """``model`` in eval mode, with BatchNorm folded into the convolutions when speed.fold_batchnorm is on,
+    and compiled when speed.compile_inference says so for ``images`` images (see CompiledInference)."""
     model = fold_batchnorm(model, input_size) if runtime.fold_batchnorm else model.eval()
-    return model.to(memory_format=torch.channels_last if runtime.channels_last else torch.contiguous_format)
+    model = model.to(memory_format=torch.channels_last if runtime.channels_last else torch.contiguous_format)
+    if use_compiled_inference(runtime, images):
+        if console is not None:
+            console.log("compiling the model for prediction (once; speed.compile_inference=false turns it off)")
+        model = CompiledInference(model, batch_size)
+    return model
+
+
+def report_compile_failure(model: torch.nn.Module, console: Console) -> None:
+    if isinstance(model, CompiledInference) and model.failure:
+        console.warn(f"torch.compile failed, predicted without it ({model.failure})")
 
 
 def predict_loader(
@@ -101,6 +120,7 @@ def predict_folder(
     detector: Path | None = None,
     margin: float = 0.0,
     batch_size: int = 128,
+    compile_inference: bool | None = None,
     progress: bool = True,
 ) -> PredictSummary:
     """One row per image (``image_name,label``), sorted by name. Rows stream to the file, so memory
@@ -119,7 +139,10 @@ def predict_folder(
     dataset = ImageFiles(paths, loaded.preprocess.input_size, loader_fn)
     indices = shard(list(range(len(paths))), env.rank, env.world_size)
     loader = predict_loader(dataset, batch_size, loaded.runtime, indices)
-    model = inference_model(loaded.model, loaded.runtime, loaded.preprocess.input_size)
+    runtime = loaded.runtime
+    if compile_inference is not None:
+        runtime = dataclasses.replace(runtime, compile_inference=compile_inference)
+    model = inference_model(loaded.model, runtime, loaded.preprocess.input_size, len(paths), batch_size, console)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -163,6 +186,7 @@ def predict_folder(
     finally:
         if handle:
             handle.close()
+    report_compile_failure(model, console)
     if not env.is_main:
         return PredictSummary(out, 0)
     if skipped and not skip_unreadable:
