@@ -198,6 +198,8 @@ class SpeedConfig:
     """DataLoader worker processes; null picks from the machine."""
     threads: int | None = None
     """CPU compute threads (torch.set_num_threads); null picks from the machine and the workers."""
+    fused_optimizer: bool = True
+    """Adam/AdamW's fused kernel where the device has one (else the default implementation)."""
     fold_batchnorm: bool = True
     """Prediction only: fold each BatchNorm into the convolution before it (checked on a probe batch)."""
     compile_inference: bool | None = None
