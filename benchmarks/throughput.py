@@ -34,7 +34,7 @@ from torchvision import datasets as tv_datasets
 from torchvision import models as tvm
 from torchvision import transforms as T
 
-from facecls.cli import JEMALLOC_PATHS
+from facecls.allocator import jemalloc_loaded, reexec_with_jemalloc
 from facecls.config import load_recipe
 from facecls.data.datasets import ImageFiles
 from facecls.data.pipeline import build_datasets, make_manifest, train_loader
@@ -56,24 +56,6 @@ KAGGLE_TEST_IMAGES = 35_000  # the seed's Kaggle test folder: the job `facecls p
 
 
 # ---- environment -------------------------------------------------------------------------------
-def reexec_with_jemalloc(enabled: bool) -> None:
-    """Preload jemalloc as ``facecls`` does (it must be loaded at process start)."""
-    if not enabled or "jemalloc" in os.environ.get("LD_PRELOAD", "") or not sys.platform.startswith("linux"):
-        return
-    lib = next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
-    if lib is None:
-        return
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = f"{lib} {env['LD_PRELOAD']}".strip() if env.get("LD_PRELOAD") else lib
-    env.setdefault("MALLOC_CONF", "background_thread:true,metadata_thp:auto,dirty_decay_ms:30000")
-    env.setdefault("OMP_WAIT_POLICY", "passive")
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
-
-
-def jemalloc_on() -> bool:
-    return "jemalloc" in os.environ.get("LD_PRELOAD", "")
-
-
 def peak_rss_mb(pid: int | str = "self") -> float:
     """A process's RSS high-water mark (VmHWM) in MiB."""
     with open(f"/proc/{pid}/status", encoding="utf-8") as handle:
@@ -444,7 +426,7 @@ def run(args) -> dict:
     args.cache = work / "cache"
     results = {
         "machine": lscpu_summary(),
-        "jemalloc": jemalloc_on(),
+        "jemalloc": jemalloc_loaded(),
         "torch": torch.__version__,
         "default_threads": DEFAULT_THREADS,
         "batch_size": args.batch_size,
@@ -592,7 +574,8 @@ def main() -> int:
     if args.report:
         print(table(json.loads(args.report.read_text())))
         return 0
-    reexec_with_jemalloc(not args.no_jemalloc)
+    if not args.no_jemalloc:
+        reexec_with_jemalloc(sys.argv)
     if args.memory_child:
         args.side = args.memory_child
         memory_child(args)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import socket
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -80,26 +78,14 @@ class Server:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
+def server(tmp_path: Path, local_http_server) -> Server:
     root = tmp_path / "served"
     root.mkdir()
     (root / "blob.bin").write_bytes(PAYLOAD)
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
-    httpd.daemon_threads = True
+    httpd = local_http_server(_RangeHandler)
     httpd.root = root  # type: ignore[attr-defined]
     httpd.behaviour = Behaviour()  # type: ignore[attr-defined]
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    watchdog = threading.Timer(60, httpd.shutdown)  # bounded even if teardown never runs
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        yield Server(f"http://127.0.0.1:{httpd.server_port}", root, httpd.behaviour)  # type: ignore[attr-defined]
-    finally:
-        watchdog.cancel()
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+    return Server(f"http://127.0.0.1:{httpd.server_port}", root, httpd.behaviour)  # type: ignore[attr-defined]
 
 
 @pytest.fixture(autouse=True)

@@ -10,36 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from facecls.allocator import reexec_with_jemalloc
 from facecls.errors import FaceclsError
-
-JEMALLOC_PATHS = (
-    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
-    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
-    "/usr/lib64/libjemalloc.so.2",
-    "/usr/local/lib/libjemalloc.so.2",
-)
-
-
-def _maybe_reexec_with_jemalloc(argv: list[str]) -> None:
-    """Re-run this command with jemalloc preloaded when it is installed (1.1-3.6x faster training on
-    CPU here: glibc malloc spends 25-30% of the time in page faults). FACECLS_JEMALLOC=0 turns it off.
-    The re-run also gets OMP_WAIT_POLICY=passive (unless set): OpenMP threads that sleep instead of spinning
-    keep their speed when a loader worker or another process takes a core (see speed.resolve_runtime)."""
-    if os.environ.get("FACECLS_JEMALLOC", "1") == "0" or "jemalloc" in os.environ.get("LD_PRELOAD", ""):
-        return
-    if not sys.platform.startswith("linux"):
-        return
-    lib = next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
-    if lib is None:
-        return
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = f"{lib} {env['LD_PRELOAD']}".strip() if env.get("LD_PRELOAD") else lib
-    env.setdefault("MALLOC_CONF", "background_thread:true,metadata_thp:auto,dirty_decay_ms:30000")
-    env.setdefault("OMP_WAIT_POLICY", "passive")
-    try:
-        os.execve(sys.executable, [sys.executable, "-m", "facecls", *argv], env)
-    except OSError:
-        return
 
 
 def _add_train(sub) -> None:
@@ -341,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     real_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if real_command_line:
-        _maybe_reexec_with_jemalloc(argv)
+        reexec_with_jemalloc(["-m", "facecls", *argv])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

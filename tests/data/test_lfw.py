@@ -8,9 +8,7 @@ import hashlib
 import io
 import json
 import tarfile
-import threading
-from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -52,8 +50,8 @@ def _pin(monkeypatch: pytest.MonkeyPatch, key: str, sha256: str) -> None:
 
 
 @pytest.fixture
-def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Serve a tiny LFW (archive + pairs.txt) with matching pinned checksums; yield the base URL."""
+def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_http_server) -> str:
+    """Serve a tiny LFW (archive + pairs.txt) with matching pinned checksums; return the base URL."""
     root = tmp_path / "served"
     root.mkdir()
     _pin(monkeypatch, "funneled", _make_archive(root / "lfw-funneled.tgz"))
@@ -66,20 +64,8 @@ def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    watchdog = threading.Timer(60, httpd.shutdown)  # bounded even if teardown never runs
-    watchdog.daemon = True
-    watchdog.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_port}"
-    finally:
-        watchdog.cancel()
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+    httpd = local_http_server(functools.partial(Quiet, directory=str(root)))
+    return f"http://127.0.0.1:{httpd.server_port}"
 
 
 def _tree(train: Path) -> dict[str, list[str]]:
