@@ -235,22 +235,12 @@ def run_command(args, argv: list[str]) -> int:
         )
         return 0
     if args.command == "score":
-        from facecls.score import score_submission
+        from facecls.score import record_score, score_submission
 
         score = score_submission(args.submission, args.solution)
         print(f"accuracy {100 * score.accuracy:.2f}% ({score.correct}/{score.total})")
         if args.run:
-            from facecls.runs import write_json
-
-            write_json(
-                args.run / "kaggle.json",
-                {
-                    "accuracy": score.accuracy,
-                    "correct": score.correct,
-                    "total": score.total,
-                    "submission": str(args.submission),
-                },
-            )
+            record_score(args.run, score, args.submission)
         return 0
     if args.command == "compare":
         from facecls.compare import collect_rows, parse_kaggle, to_markdown, write_table

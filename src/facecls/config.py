@@ -203,7 +203,7 @@ class SpeedConfig:
     fold_batchnorm: bool = True
     """Prediction only: fold each BatchNorm into the convolution before it (checked on a probe batch)."""
     compile_inference: bool | None = None
-    """Prediction only: torch.compile the model with its weights frozen (5-15 s once, then 1.1-1.4x faster
+    """Prediction only: torch.compile the model with its weights frozen (6-27 s once, then 1.1-1.4x faster
     on CPU); null: on when predicting at least 5,000 images."""
     pin_memory: bool | None = None
     """Pinned host memory for GPU transfers; null picks (on for CUDA)."""

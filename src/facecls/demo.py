@@ -18,8 +18,7 @@ from facecls.download import cache_dir
 from facecls.errors import FaceclsError
 from facecls.models.registry import get_weight_spec
 from facecls.predict import predict_folder
-from facecls.runs import write_json
-from facecls.score import score_submission
+from facecls.score import record_score, score_submission
 from facecls.training import train
 
 
@@ -110,10 +109,7 @@ def run_demo(
         submission = out / "submissions" / f"{recipe.name}.csv"
         predict_folder(run, data / "test", submission, progress=progress)
         score = score_submission(submission, data / "test_solution.csv")
-        write_json(
-            run / "kaggle.json",
-            {"accuracy": score.accuracy, "correct": score.correct, "total": score.total, "submission": str(submission)},
-        )
+        record_score(run, score, submission)
         console.log(f"{recipe.name}: submission scored {100 * score.accuracy:.2f}% ({score.correct}/{score.total})")
         run_dirs.append(run)
     rows = collect_rows(run_dirs)

@@ -138,10 +138,10 @@ def predict_folder(
     loader_fn = _DetectLoader(detector, margin) if detect else None
     dataset = ImageFiles(paths, loaded.preprocess.input_size, loader_fn)
     indices = shard(list(range(len(paths))), env.rank, env.world_size)
-    loader = predict_loader(dataset, batch_size, loaded.runtime, indices)
     runtime = loaded.runtime
     if compile_inference is not None:
         runtime = dataclasses.replace(runtime, compile_inference=compile_inference)
+    loader = predict_loader(dataset, batch_size, runtime, indices)
     model = inference_model(loaded.model, runtime, loaded.preprocess.input_size, len(paths), batch_size, console)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +156,7 @@ def predict_folder(
     if writer:
         writer.writerow(["image_name", "label"])
     try:
-        for pred, idx, status in predict_batches(model, loader, loaded.normalize, loaded.runtime):
+        for pred, idx, status in predict_batches(model, loader, loaded.normalize, runtime):
             for i, p, s in zip(idx, pred, status, strict=True):
                 name = paths[i].name
                 if s == "unreadable":

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from facecls.errors import FaceclsError
+from facecls.runs import write_json
 
 HEADER = ["image_name", "label"]
 
@@ -16,6 +17,14 @@ class Score:
     accuracy: float
     correct: int
     total: int
+
+
+def record_score(run: Path, score: Score, submission: Path) -> None:
+    """Write ``RUN/kaggle.json``, where ``compare`` reads the Kaggle column from."""
+    write_json(
+        Path(run) / "kaggle.json",
+        {"accuracy": score.accuracy, "correct": score.correct, "total": score.total, "submission": str(submission)},
+    )
 
 
 def read_labels(path: Path, what: str) -> dict[str, str]:

@@ -171,7 +171,7 @@ def fold_batchnorm(model: nn.Module, input_size: int) -> nn.Module:
 
 
 COMPILE_INFERENCE_MIN_IMAGES = 5000
-"""Below this many images compiling (5-15 s on 2 CPU cores) costs more than it saves."""
+"""Below this many images compiling (6-27 s measured on 2 CPU cores) costs more than it saves."""
 
 
 class CompiledInference(nn.Module):
