@@ -47,6 +47,7 @@ class Runtime:
     omp_wait_policy: str = "default"
     fold_batchnorm: bool = False
     compile_inference: bool | None = None
+    depthwise_fp32_input_grad: bool = False
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -112,7 +113,19 @@ def resolve_runtime(config: SpeedConfig, device: str | None = None, local_rank: 
         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"),
         fold_batchnorm=config.fold_batchnorm,
         compile_inference=config.compile_inference,
+        depthwise_fp32_input_grad=config.depthwise_fp32_input_grad and device == "cpu" and precision == "bf16",
     )
+
+
+def prepare_training_model(model: nn.Module, runtime: Runtime) -> nn.Module:
+    """``model`` on the runtime's device and memory format, with the CPU kernel work-arounds it turns on."""
+    memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
+    model = model.to(runtime.device, memory_format=memory_format)
+    if runtime.depthwise_fp32_input_grad:
+        from facecls.cpu_kernels import use_fp32_input_grad_for_strided_depthwise
+
+        use_fp32_input_grad_for_strided_depthwise(model)
+    return model
 
 
 def fold_batchnorm(model: nn.Module, input_size: int) -> nn.Module:

@@ -37,7 +37,7 @@ from facecls.errors import FaceclsError
 from facecls.models.registry import FaceClassifier, create_model, get_entry, get_weight_spec
 from facecls.models.weights import load_backbone_weights, read_state_dict, resolve_weights_file
 from facecls.runs import Preprocess
-from facecls.speed import Runtime, resolve_runtime
+from facecls.speed import Runtime, prepare_training_model, resolve_runtime
 
 
 def resolve_preprocess(recipe: Recipe) -> Preprocess:
@@ -213,8 +213,7 @@ class Trainer:
         self.weights_info = load_pretrained(model, recipe, offline, console) if pretrained else {}
         if recipe.train.sync_bn and env.enabled:
             model = convert_sync_batchnorm(model, self.runtime.device)
-        memory_format = torch.channels_last if self.runtime.channels_last else torch.contiguous_format
-        self.model = model.to(self.runtime.device, memory_format=memory_format)
+        self.model = prepare_training_model(model, self.runtime)
         self.normalize = Normalize(self.preprocess.mean, self.preprocess.std, self.runtime.channels_last).to(
             self.runtime.device
         )
