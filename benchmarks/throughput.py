@@ -1,24 +1,26 @@
 """Training, prediction and data-pipeline throughput: facecls's own path vs the seed notebook's naive loop.
 
-Everything is timed in one process, interleaved (naive block, facecls block, ... with the order
-alternating per round), after a warm-up block for each, so that the load of other processes on the
-machine hits both sides alike. A block is one pass over the benchmark's images (one epoch, or one
-prediction pass), so each side's loader starts and drains inside its own block: the facecls workers
-never work ahead while the naive loop is being timed. Peak memory is measured in a fresh subprocess
-per configuration and side.
+Three sides, each a long-lived process in the environment its user would have (bench_sides.py): the
+naive loop as a plain PyTorch user runs it (system allocator, OpenMP defaults), the same naive loop
+under facecls's allocator settings (to show what the allocator alone gives), and facecls as the
+``facecls`` command runs it. An allocator can only be chosen at process start, hence processes; the
+blocks are interleaved (one block per side, the order rotating every round) after a warm-up block for
+each side, so that the load of other processes on the machine hits every side alike. A block is one pass
+over the benchmark's images (one epoch, or one prediction pass), so each side's loader starts and drains
+inside its own block: the facecls workers never work ahead while another side is timed. Peak memory is
+measured in a fresh subprocess per configuration and side.
 
     python benchmarks/throughput.py --quick
     python benchmarks/throughput.py --models resnet50 --sizes 224 --rounds 3
 
-The script re-executes itself with jemalloc preloaded when it is installed, like the ``facecls``
-command does (both sides then get it); ``--no-jemalloc`` runs with the system allocator.
+``--no-jemalloc`` runs the facecls side without its allocator settings (FACECLS_JEMALLOC=0);
+``--no-naive-alloc`` leaves out the third side.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -34,7 +36,7 @@ from torchvision import datasets as tv_datasets
 from torchvision import models as tvm
 from torchvision import transforms as T
 
-from facecls.allocator import jemalloc_loaded, reexec_with_jemalloc
+from facecls.allocator import reexec_with_jemalloc
 from facecls.config import load_recipe
 from facecls.data.datasets import ImageFiles
 from facecls.data.pipeline import build_datasets, make_manifest, train_loader
@@ -44,8 +46,11 @@ from facecls.distributed import DistEnv
 from facecls.engine import RunningStats, StepContext, train_one_epoch
 from facecls.models.registry import create_model
 from facecls.predict import inference_model, predict_batches, predict_loader
-from facecls.speed import CompiledInference, resolve_runtime
+from facecls.speed import CompiledInference, prepare_training_model, resolve_runtime
 from facecls.training import build_optimizer, resolve_preprocess, set_phase
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sides import FACECLS, NAIVE, NAIVE_ALLOC, SideProcess, interleaved, serve  # noqa: E402
 
 CELEB24 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "celeb24"
 MODELS = ("resnet50", "mobilenet_v2", "inception_resnet_v1")
@@ -253,8 +258,7 @@ class Facecls:
         self.loader = train_loader(self.dataset, batch_size, recipe.train.seed, env, self.runtime)
         torch.manual_seed(recipe.train.seed)
         model = create_model(name, len(split_data.class_names), recipe.model.head)
-        memory_format = torch.channels_last if self.runtime.channels_last else torch.contiguous_format
-        self.model = model.to(memory_format=memory_format)
+        self.model = prepare_training_model(model, self.runtime)
         self.inference: torch.nn.Module | None = None
         self.predict_first_pass_s: float | None = None
         set_phase(self.model, frozen=False, train=recipe.train)
@@ -311,30 +315,6 @@ class Facecls:
 
 
 # ---- measurement -------------------------------------------------------------------------------
-def interleaved(naive_fn, facecls_fn, rounds: int) -> dict:
-    """Warm-up block each, then ``rounds`` rounds of one block each, order alternating; img/s sums."""
-    totals = {"naive": [0, 0.0], "facecls": [0, 0.0]}
-    per_round = []
-    sides = {"naive": naive_fn, "facecls": facecls_fn}
-    for side in ("naive", "facecls"):
-        sides[side]()
-    for r in range(rounds):
-        order = ("naive", "facecls") if r % 2 == 0 else ("facecls", "naive")
-        this = {}
-        for side in order:
-            started = time.perf_counter()
-            images = sides[side]()
-            seconds = time.perf_counter() - started
-            totals[side][0] += images
-            totals[side][1] += seconds
-            this[side] = images / seconds
-        per_round.append(this["facecls"] / this["naive"])
-    out = {side: images / seconds for side, (images, seconds) in totals.items()}
-    out["ratio"] = out["facecls"] / out["naive"]
-    out["ratio_per_round"] = per_round
-    return out
-
-
 def _conv_backward_flops(
     grad_out_shape,
     x_shape,
@@ -370,12 +350,50 @@ def train_flops_per_image(name: str, size: int) -> float:
     return counter.get_total_flops() / 4
 
 
+def predict_flops_per_image(name: str, size: int) -> float:
+    """FLOPs of one inference forward per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = naive_model(name, 24).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model(torch.randn(2, 3, size, size))
+    return counter.get_total_flops() / 2
+
+
+def side_main(args) -> None:
+    """A side process: build the runner for one configuration, then serve blocks (bench_sides.serve)."""
+    name, size = args.models[0], args.sizes[0]
+    if args.side == FACECLS:
+        fc = Facecls(
+            name, args.data, size, args.batch_size, args.cache, args.set, args.predict_images, args.data_images
+        )
+
+        def meta() -> dict:
+            compiled = isinstance(fc.inference, CompiledInference) and not fc.inference.failure
+            return {
+                "runtime": fc.runtime.as_dict(),
+                "cache_build_s": fc.cache_seconds,
+                "predict_first_pass_s": fc.predict_first_pass_s,
+                "predict_compiled": compiled,
+            }
+
+        runner = fc
+    else:
+        runner = Naive(name, args.data, size, args.batch_size, args.predict_images, args.data_images)
+
+        def meta() -> dict:
+            return {}
+
+    serve({"train": runner.train_epoch, "predict": runner.predict_pass, "data": runner.data_pass}, meta)
+
+
 def memory_child(args) -> None:
     """Subprocess: a few training steps of one side, then print the peak RSS as JSON."""
-    if args.side == "naive":
-        runner = Naive(args.models[0], args.data, args.sizes[0], args.batch_size)
-    else:
+    if args.memory_child == FACECLS:
         runner = Facecls(args.models[0], args.data, args.sizes[0], args.batch_size, args.cache, args.set)
+    else:
+        runner = Naive(args.models[0], args.data, args.sizes[0], args.batch_size)
     runner.train_epoch(max_steps=args.memory_steps)
     # DataLoader workers are alive (persistent) at this point: read their high-water marks too.
     iterator = getattr(runner.loader, "_iterator", None)
@@ -383,12 +401,10 @@ def memory_child(args) -> None:
     print(json.dumps({"main_mb": peak_rss_mb(), "worker_mb": sum(workers), "workers": len(workers)}))
 
 
-def measure_memory(args, name: str, size: int, side: str, data: Path) -> dict:
-    command = [
+def side_command(args, name: str, size: int, data: Path) -> list[str]:
+    return [
         sys.executable,
         __file__,
-        "--_memory-child",
-        side,
         "--models",
         name,
         "--sizes",
@@ -399,11 +415,22 @@ def measure_memory(args, name: str, size: int, side: str, data: Path) -> dict:
         str(args.cache),
         "--batch-size",
         str(args.batch_size),
+        "--predict-images",
+        str(args.predict_images),
+        "--data-images",
+        str(args.data_images),
         "--memory-steps",
         str(args.memory_steps),
         *[f"--set={s}" for s in args.set],
     ]
-    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ), check=False)
+
+
+def measure_memory(args, name: str, size: int, side: str, data: Path) -> dict:
+    from bench_sides import side_environment
+
+    command = [*side_command(args, name, size, data), "--_memory-child", side]
+    env = side_environment(side, not args.no_jemalloc)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"rc {done.returncode}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -424,51 +451,54 @@ def lscpu_summary() -> str:
 def run(args) -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="facecls-bench-"))
     args.cache = work / "cache"
+    kinds = [NAIVE, NAIVE_ALLOC, FACECLS] if args.naive_alloc else [NAIVE, FACECLS]
     results = {
         "machine": lscpu_summary(),
-        "jemalloc": jemalloc_loaded(),
+        "facecls_allocator": not args.no_jemalloc,
         "torch": torch.__version__,
         "default_threads": DEFAULT_THREADS,
         "batch_size": args.batch_size,
         "images": f"{args.identities} identities x {args.per_identity} images",
         "rounds": args.rounds,
+        "sides": kinds,
         "data_images_per_block": args.data_images,
         "predict_images_per_pass": args.predict_images,
         "predict_batch": {"naive": args.batch_size, "facecls": PREDICT_BATCH},
         "overrides": args.set,
         "configs": [],
     }
-    print(
-        f"jemalloc: {'on' if results['jemalloc'] else 'off'}; torch {torch.__version__}; "
-        f"{DEFAULT_THREADS} threads; {results['machine']}",
-        flush=True,
-    )
+    print(f"torch {torch.__version__}; {DEFAULT_THREADS} threads; {results['machine']}", flush=True)
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s", flush=True)
     for size in args.sizes:
         data = make_jpeg_data(work, size, args.identities, args.per_identity)
         for name in args.models:
             print(f"== {name} @ {size}px", flush=True)
-            naive = Naive(name, data, size, args.batch_size, args.predict_images, args.data_images)
-            fc = Facecls(name, data, size, args.batch_size, args.cache, args.set, args.predict_images, args.data_images)
-            config = {"model": name, "size": size, "runtime": fc.runtime.as_dict(), "cache_build_s": fc.cache_seconds}
-            config["data"] = interleaved(naive.data_pass, fc.data_pass, args.rounds)
-            print(f"   data pipeline  {fmt(config['data'])}", flush=True)
-            config["train"] = interleaved(naive.train_epoch, fc.train_epoch, args.rounds)
-            print(f"   train          {fmt(config['train'])}", flush=True)
-            config["predict"] = interleaved(naive.predict_pass, fc.predict_pass, args.rounds)
-            print(f"   predict        {fmt(config['predict'])}", flush=True)
-            config["predict_first_pass_s"] = fc.predict_first_pass_s
-            config["predict_compiled"] = isinstance(fc.inference, CompiledInference) and not fc.inference.failure
+            command = side_command(args, name, size, data)
+            sides = {kind: SideProcess(kind, command, not args.no_jemalloc) for kind in kinds}
+            try:
+                if "environment" not in results:
+                    results["environment"] = {kind: side.meta["environment"] for kind, side in sides.items()}
+                    for kind, environment in results["environment"].items():
+                        print(f"   {kind:12s} {environment}", flush=True)
+                config = {"model": name, "size": size}
+                for block in ("data", "train", "predict"):
+                    config[block] = interleaved(sides, block, args.rounds)
+                    print(f"   {block:8s} {fmt(config[block])}", flush=True)
+                meta = sides[FACECLS].call("meta")
+            finally:
+                for side in sides.values():
+                    side.close()
+            config.update(meta)
             print(
-                f"   predict setup  compiled: {config['predict_compiled']}; first pass (with compilation) "
-                f"{fc.predict_first_pass_s:.1f} s",
+                f"   predict setup  compiled: {meta['predict_compiled']}; first pass (with compilation) "
+                f"{meta['predict_first_pass_s']:.1f} s",
                 flush=True,
             )
             config["train_gflop_per_image"] = train_flops_per_image(name, size) / 1e9
-            del naive, fc
+            config["predict_gflop_per_image"] = predict_flops_per_image(name, size) / 1e9
             if args.memory:
-                config["memory"] = {side: measure_memory(args, name, size, side, data) for side in ("naive", "facecls")}
+                config["memory"] = {side: measure_memory(args, name, size, side, data) for side in (NAIVE, FACECLS)}
                 print(f"   peak RSS MiB   {config['memory']}", flush=True)
             results["configs"].append(config)
     end_peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
@@ -476,7 +506,7 @@ def run(args) -> dict:
     results["matmul_peak_gflops"] = {k: max(peaks[k], end_peaks[k]) / 1e9 for k in peaks}
     results["matmul_peak_gflops_start_end"] = {k: [peaks[k] / 1e9, end_peaks[k] / 1e9] for k in peaks}
     for config in results["configs"]:
-        config["train_gflops"] = {s: config["train_gflop_per_image"] * config["train"][s] for s in ("naive", "facecls")}
+        config["train_gflops"] = {s: config["train_gflop_per_image"] * config["train"][s] for s in (NAIVE, FACECLS)}
         config["train_peak_fraction"] = {
             side: {p: gflops / peak for p, peak in results["matmul_peak_gflops"].items()}
             for side, gflops in config["train_gflops"].items()
@@ -485,41 +515,62 @@ def run(args) -> dict:
 
 
 def fmt(m: dict) -> str:
-    rounds = " ".join(f"{r:.2f}" for r in m["ratio_per_round"])
-    return f"naive {m['naive']:7.1f} img/s  facecls {m['facecls']:7.1f} img/s  x{m['ratio']:.2f}  (rounds: {rounds})"
+    text = "  ".join(f"{side} {m[side]:7.1f}" for side in (NAIVE, NAIVE_ALLOC, FACECLS) if side in m)
+    text += f" img/s  x{m['ratio']:.2f}"
+    if "ratio_alloc" in m:
+        text += f" (x{m['ratio_alloc']:.2f} vs naive with facecls's allocator)"
+    return text + "  rounds: " + " ".join(f"{r:.2f}" for r in m["ratio_per_round"])
 
 
 def table(results: dict) -> str:
     peaks = results["matmul_peak_gflops"]
     lines = [
-        f"jemalloc {'on' if results['jemalloc'] else 'off'}; batch {results['batch_size']}; "
-        f"{results['images']}; {results['rounds']} timed round(s) after a warm-up block; "
-        f"matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s",
+        f"batch {results['batch_size']}; {results['images']}; {results['rounds']} timed round(s) after a warm-up "
+        f"block; matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s",
         "",
         "| model | px | train naive | train facecls | x | predict naive | predict facecls | x "
         "| data naive | data facecls | data / fastest model | train GFLOP/s naive (% fp32 peak) "
-        "| train GFLOP/s facecls (% bf16 peak) | peak RSS MiB naive / facecls (+worker) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| train GFLOP/s facecls (% bf16 peak) | predict GFLOP/s naive (% fp32 peak) "
+        "| predict GFLOP/s facecls (% bf16 peak) | peak RSS MiB naive / facecls (+worker) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_size: dict[int, float] = {}
     for c in results["configs"]:
-        by_size[c["size"]] = max(by_size.get(c["size"], 0.0), c["train"]["facecls"])
+        by_size[c["size"]] = max(by_size.get(c["size"], 0.0), c["train"][FACECLS])
     for c in results["configs"]:
         tr, pr, da = c["train"], c["predict"], c["data"]
-        gflops = {side: c["train_gflop_per_image"] * tr[side] for side in ("naive", "facecls")}
+        gflops = {side: c["train_gflop_per_image"] * tr[side] for side in (NAIVE, FACECLS)}
+        pf = {side: c.get("predict_gflop_per_image", 0.0) * pr[side] for side in (NAIVE, FACECLS)}
         mem = c.get("memory")
         mem_text = "-"
-        if mem and "error" not in mem["naive"] and "error" not in mem["facecls"]:
-            mem_text = (
-                f"{mem['naive']['main_mb']:.0f} / {mem['facecls']['main_mb']:.0f} (+{mem['facecls']['worker_mb']:.0f})"
-            )
+        if mem and "error" not in mem[NAIVE] and "error" not in mem[FACECLS]:
+            mem_text = f"{mem[NAIVE]['main_mb']:.0f} / {mem[FACECLS]['main_mb']:.0f} (+{mem[FACECLS]['worker_mb']:.0f})"
         lines.append(
-            f"| {c['model']} | {c['size']} | {tr['naive']:.1f} | {tr['facecls']:.1f} | {tr['ratio']:.2f} "
-            f"| {pr['naive']:.1f} | {pr['facecls']:.1f} | {pr['ratio']:.2f} "
-            f"| {da['naive']:.0f} | {da['facecls']:.0f} | {da['facecls'] / by_size[c['size']]:.1f} "
-            f"| {gflops['naive']:.0f} ({100 * gflops['naive'] / peaks['fp32']:.0f}%) "
-            f"| {gflops['facecls']:.0f} ({100 * gflops['facecls'] / peaks['bf16']:.0f}%) | {mem_text} |"
+            f"| {c['model']} | {c['size']} | {tr[NAIVE]:.1f} | {tr[FACECLS]:.1f} | {tr['ratio']:.2f} "
+            f"| {pr[NAIVE]:.1f} | {pr[FACECLS]:.1f} | {pr['ratio']:.2f} "
+            f"| {da[NAIVE]:.0f} | {da[FACECLS]:.0f} | {da[FACECLS] / by_size[c['size']]:.1f} "
+            f"| {gflops[NAIVE]:.0f} ({100 * gflops[NAIVE] / peaks['fp32']:.0f}%) "
+            f"| {gflops[FACECLS]:.0f} ({100 * gflops[FACECLS] / peaks['bf16']:.0f}%) "
+            f"| {pf[NAIVE]:.0f} ({100 * pf[NAIVE] / peaks['fp32']:.0f}%) "
+            f"| {pf[FACECLS]:.0f} ({100 * pf[FACECLS] / peaks['bf16']:.0f}%) | {mem_text} |"
         )
+    if NAIVE_ALLOC in results.get("sides", []):
+        lines += [
+            "",
+            "The naive loop under facecls's allocator settings (what the allocator alone gives it), and facecls "
+            "against that:",
+            "",
+            "| model | px | train naive | train naive, facecls allocator | train facecls | x | "
+            "predict naive | predict naive, facecls allocator | predict facecls | x |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for c in results["configs"]:
+            tr, pr = c["train"], c["predict"]
+            lines.append(
+                f"| {c['model']} | {c['size']} | {tr[NAIVE]:.1f} | {tr[NAIVE_ALLOC]:.1f} | {tr[FACECLS]:.1f} "
+                f"| {tr['ratio_alloc']:.2f} | {pr[NAIVE]:.1f} | {pr[NAIVE_ALLOC]:.1f} | {pr[FACECLS]:.1f} "
+                f"| {pr['ratio_alloc']:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -551,11 +602,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="recipe override for the facecls side, e.g. --set speed.workers=0",
     )
-    p.add_argument("--no-jemalloc", action="store_true", help="run with the system allocator")
+    p.add_argument("--no-jemalloc", action="store_true", help="the facecls side without its allocator settings")
+    p.add_argument(
+        "--naive-alloc",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the naive loop under facecls's allocator settings (default: on)",
+    )
     p.add_argument("--workdir", type=Path, help="keep the JPEGs and the decoded cache here (default: a temp dir)")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     p.add_argument("--report", type=Path, metavar="JSON", help="print the table of an earlier run's JSON and exit")
-    p.add_argument("--_memory-child", dest="memory_child", choices=["naive", "facecls"], help=argparse.SUPPRESS)
+    p.add_argument("--_side", dest="side", choices=[NAIVE, NAIVE_ALLOC, FACECLS], help=argparse.SUPPRESS)
+    p.add_argument("--_memory-child", dest="memory_child", choices=[NAIVE, FACECLS], help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -574,10 +632,13 @@ def main() -> int:
     if args.report:
         print(table(json.loads(args.report.read_text())))
         return 0
-    if not args.no_jemalloc:
-        reexec_with_jemalloc(sys.argv)
+    child = args.side or args.memory_child
+    if child in (NAIVE_ALLOC, FACECLS):
+        reexec_with_jemalloc(sys.argv)  # as the facecls command does: jemalloc, or glibc told to keep memory
+    if args.side:
+        side_main(args)
+        return 0
     if args.memory_child:
-        args.side = args.memory_child
         memory_child(args)
         return 0
     results = run(args)

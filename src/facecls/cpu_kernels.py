@@ -19,30 +19,29 @@ from torch import nn
 
 class _DepthwiseConvFp32InputGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, conv: nn.Conv2d):
-        ctx.conv = conv
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.conv_args = (list(stride), list(padding), list(dilation), False, [0, 0], groups)
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight)
-        return nn.functional.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        conv = ctx.conv
-        args = (list(conv.stride), list(conv.padding), list(conv.dilation), False, [0, 0], conv.groups)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and ctx.has_bias
         grad_x = grad_w = grad_b = None
-        if need_w or (need_b and ctx.has_bias):
+        if need_w or need_b:
             _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad_out, x, weight, [weight.shape[0]] if ctx.has_bias else None, *args,
-                [False, need_w, need_b and ctx.has_bias],
+                grad_out, x, weight, [weight.shape[0]] if ctx.has_bias else None, *ctx.conv_args,
+                [False, need_w, need_b],
             )  # fmt: skip
         if need_x:
             grad_x, _, _ = torch.ops.aten.convolution_backward(
-                grad_out.float(), x.float(), weight.float(), None, *args, [True, False, False]
+                grad_out.float(), x.float(), weight.float(), None, *ctx.conv_args, [True, False, False]
             )
             grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 class DepthwiseConvFp32InputGrad(nn.Conv2d):
@@ -57,7 +56,9 @@ class DepthwiseConvFp32InputGrad(nn.Conv2d):
             return super().forward(x)
         with torch.autocast("cpu", enabled=False):
             bias = None if self.bias is None else self.bias.to(dtype)
-            return _DepthwiseConvFp32InputGrad.apply(x.to(dtype), self.weight.to(dtype), bias, self)
+            return _DepthwiseConvFp32InputGrad.apply(
+                x.to(dtype), self.weight.to(dtype), bias, self.stride, self.padding, self.dilation, self.groups
+            )
 
 
 def is_strided_depthwise(module: nn.Module) -> bool:
