@@ -11,7 +11,7 @@ from facecls.data.datasets import FaceImages, ImageFiles, sample_seed
 from facecls.data.images import load_image
 from facecls.data.pipeline import build_datasets
 from facecls.data.split import ManifestRow
-from facecls.data.transforms import adjust_hue_uint8, rotate_uint8, train_transform
+from facecls.data.transforms import adjust_hue_uint8, color_jitter_uint8, rotate_uint8, train_transform
 from facecls.distributed import DistEnv
 from facecls.runs import Preprocess
 
@@ -114,3 +114,26 @@ def test_train_transform_keeps_torchvisions_random_draws():
         got = ours(image)
         assert torch.equal(torch.rand(1), after_plain)  # the same number of random draws
         assert (got.int() - expected.int()).abs().float().mean() < 1.0
+
+
+def test_one_pass_color_jitter_matches_torchvisions_steps():
+    """color_jitter_uint8 does torchvision's four uint8 adjustments in one float tensor: the same values up
+    to float rounding, for every order and with steps left out."""
+    image = torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    image[:, :3] = 77  # grey pixels too
+    steps = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
+    draws = torch.Generator().manual_seed(3)
+    for _ in range(30):
+        order = torch.randperm(4, generator=draws).tolist()
+        factors = [0.8 + 0.4 * float(torch.rand(1, generator=draws)) for _ in range(3)]
+        factors.append(0.2 * float(torch.rand(1, generator=draws)) - 0.1)
+        if order[0] == 2:
+            factors[1] = None  # a step left out (v2.ColorJitter passes None for a zero range)
+        expected = image
+        for fn_id in order:
+            if factors[fn_id] is not None:
+                expected = steps[fn_id](expected, factors[fn_id])
+        got = color_jitter_uint8(image, order, *factors)
+        diff = (got.int() - expected.int()).abs()
+        assert got.dtype == torch.uint8 and got.shape == image.shape
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01, (order, factors, diff.max())
