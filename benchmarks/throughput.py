@@ -50,7 +50,7 @@ from facecls.speed import CompiledInference, prepare_training_model, resolve_run
 from facecls.training import build_optimizer, resolve_preprocess, set_phase
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sides import FACECLS, NAIVE, NAIVE_ALLOC, SideProcess, interleaved, serve  # noqa: E402
+from bench_sides import FACECLS, NAIVE, NAIVE_ALLOC, SideProcess, interleaved, serve, side_environment  # noqa: E402
 
 CELEB24 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "celeb24"
 MODELS = ("resnet50", "mobilenet_v2", "inception_resnet_v1")
@@ -207,6 +207,9 @@ class Naive:
     def data_pass(self) -> int:
         return sum(len(labels) for _ in range(data_epochs(self.dataset, self.data_images)) for _, labels in self.loader)
 
+    def meta(self) -> dict:
+        return {}
+
 
 # ---- facecls's own path ------------------------------------------------------------------------
 class Facecls:
@@ -313,6 +316,15 @@ class Facecls:
             images += sum(len(labels) for _, labels, _ in self.loader)
         return images
 
+    def meta(self) -> dict:
+        """What the run table records about this side besides its speed."""
+        return {
+            "runtime": self.runtime.as_dict(),
+            "cache_build_s": self.cache_seconds,
+            "predict_first_pass_s": self.predict_first_pass_s,
+            "predict_compiled": isinstance(self.inference, CompiledInference) and not self.inference.failure,
+        }
+
 
 # ---- measurement -------------------------------------------------------------------------------
 def _conv_backward_flops(
@@ -365,27 +377,12 @@ def side_main(args) -> None:
     """A side process: build the runner for one configuration, then serve blocks (bench_sides.serve)."""
     name, size = args.models[0], args.sizes[0]
     if args.side == FACECLS:
-        fc = Facecls(
+        runner = Facecls(
             name, args.data, size, args.batch_size, args.cache, args.set, args.predict_images, args.data_images
         )
-
-        def meta() -> dict:
-            compiled = isinstance(fc.inference, CompiledInference) and not fc.inference.failure
-            return {
-                "runtime": fc.runtime.as_dict(),
-                "cache_build_s": fc.cache_seconds,
-                "predict_first_pass_s": fc.predict_first_pass_s,
-                "predict_compiled": compiled,
-            }
-
-        runner = fc
     else:
         runner = Naive(name, args.data, size, args.batch_size, args.predict_images, args.data_images)
-
-        def meta() -> dict:
-            return {}
-
-    serve({"train": runner.train_epoch, "predict": runner.predict_pass, "data": runner.data_pass}, meta)
+    serve({"train": runner.train_epoch, "predict": runner.predict_pass, "data": runner.data_pass}, runner.meta)
 
 
 def memory_child(args) -> None:
@@ -426,8 +423,6 @@ def side_command(args, name: str, size: int, data: Path) -> list[str]:
 
 
 def measure_memory(args, name: str, size: int, side: str, data: Path) -> dict:
-    from bench_sides import side_environment
-
     command = [*side_command(args, name, size, data), "--_memory-child", side]
     env = side_environment(side, not args.no_jemalloc)
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
@@ -505,12 +500,6 @@ def run(args) -> dict:
     # The higher of the two measurements is the better estimate of what the cores can do.
     results["matmul_peak_gflops"] = {k: max(peaks[k], end_peaks[k]) / 1e9 for k in peaks}
     results["matmul_peak_gflops_start_end"] = {k: [peaks[k] / 1e9, end_peaks[k] / 1e9] for k in peaks}
-    for config in results["configs"]:
-        config["train_gflops"] = {s: config["train_gflop_per_image"] * config["train"][s] for s in (NAIVE, FACECLS)}
-        config["train_peak_fraction"] = {
-            side: {p: gflops / peak for p, peak in results["matmul_peak_gflops"].items()}
-            for side, gflops in config["train_gflops"].items()
-        }
     return results
 
 
