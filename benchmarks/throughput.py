@@ -83,6 +83,25 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> floa
     return 2 * n**3 * iters / (time.perf_counter() - started)
 
 
+def conv_peak(dtype: torch.dtype, seconds: float = 2.0) -> float:
+    """Achieved FLOP/s of a 3x3 convolution, 256 -> 256 channels at 28 px, batch 32, channels_last (all of
+    torch's threads): the oneDNN kernel the models spend most of their time in. This is the peak the
+    percentages use: torch.mm in fp32 goes to MKL, which on AMD CPUs runs at well under half of what
+    oneDNN's fp32 convolutions reach (measured 200 vs 510 GFLOP/s), so a matmul peak overstates fp32."""
+    torch.set_num_threads(DEFAULT_THREADS)
+    x = torch.randn(32, 256, 28, 28).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    flops = 2 * 32 * 28 * 28 * 256 * 256 * 9
+    with torch.no_grad():
+        for _ in range(3):
+            nn.functional.conv2d(x, w, padding=1)
+        iters, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            nn.functional.conv2d(x, w, padding=1)
+            iters += 1
+    return flops * iters / (time.perf_counter() - started)
+
+
 # ---- data --------------------------------------------------------------------------------------
 def make_jpeg_data(dst: Path, size: int, identities: int, per_identity: int) -> Path:
     """celeb24 PNGs resized to ``size`` and saved as JPEG (q90): train/<identity>/ and a flat test/."""
@@ -293,17 +312,22 @@ class Facecls:
         return int(stats.count)
 
     def predict_pass(self) -> int:
-        """What ``facecls predict`` does on a Kaggle-sized test folder: the model is prepared once (BatchNorm
-        folded; compiled, since speed.compile_inference's auto rule turns it on for that many images: the
-        first pass, which is the warm-up, pays the compilation and is reported apart), then batches."""
+        """What ``facecls predict`` does on a Kaggle-sized test folder: the loader and the model are prepared
+        once (BatchNorm folded; compiled, since speed.compile_inference's auto rule turns it on for that many
+        images: the first pass, which is the warm-up, pays the compilation and is reported apart), then
+        batches. The passes stand for one long pass, so the loader's worker stays up between them, as it
+        does through the command's single pass: a worker forked anew for each pass would also start after
+        every training block, from a process whose heap is large by then, and the copy-on-write faults that
+        follow cost MobileNetV2 at 224 px 0.7 s per 768-image pass, which the command does not pay."""
         self._threads()
         started = time.perf_counter()
         if self.inference is None:
+            self.predict_loader = predict_loader(self.test_set, PREDICT_BATCH, self.runtime, persistent=True)
             self.inference = inference_model(
                 self.model, self.runtime, self.input_size, KAGGLE_TEST_IMAGES, PREDICT_BATCH
             )
-        loader = predict_loader(self.test_set, PREDICT_BATCH, self.runtime)
-        images = sum(len(pred) for pred, _, _ in predict_batches(self.inference, loader, self.normalize, self.runtime))
+        batches = predict_batches(self.inference, self.predict_loader, self.normalize, self.runtime)
+        images = sum(len(pred) for pred, _, _ in batches)
         if self.predict_first_pass_s is None:
             self.predict_first_pass_s = time.perf_counter() - started
         return images
@@ -463,8 +487,8 @@ def run(args) -> dict:
         "configs": [],
     }
     print(f"torch {torch.__version__}; {DEFAULT_THREADS} threads; {results['machine']}", flush=True)
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s", flush=True)
+    peaks = measure_peaks()
+    print(f"peaks: {peak_text(peaks)}", flush=True)
     for size in args.sizes:
         data = make_jpeg_data(work, size, args.identities, args.per_identity)
         for name in args.models:
@@ -496,11 +520,29 @@ def run(args) -> dict:
                 config["memory"] = {side: measure_memory(args, name, size, side, data) for side in (NAIVE, FACECLS)}
                 print(f"   peak RSS MiB   {config['memory']}", flush=True)
             results["configs"].append(config)
-    end_peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    end_peaks = measure_peaks()
     # The higher of the two measurements is the better estimate of what the cores can do.
-    results["matmul_peak_gflops"] = {k: max(peaks[k], end_peaks[k]) / 1e9 for k in peaks}
-    results["matmul_peak_gflops_start_end"] = {k: [peaks[k] / 1e9, end_peaks[k] / 1e9] for k in peaks}
+    for kind in ("matmul", "conv"):
+        results[f"{kind}_peak_gflops"] = {p: max(peaks[kind][p], end_peaks[kind][p]) / 1e9 for p in ("fp32", "bf16")}
+        results[f"{kind}_peak_gflops_start_end"] = {
+            p: [peaks[kind][p] / 1e9, end_peaks[kind][p] / 1e9] for p in ("fp32", "bf16")
+        }
     return results
+
+
+def measure_peaks() -> dict:
+    return {
+        "matmul": {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)},
+        "conv": {"fp32": conv_peak(torch.float32), "bf16": conv_peak(torch.bfloat16)},
+    }
+
+
+def peak_text(peaks: dict, scale: float = 1e9) -> str:
+    return "; ".join(
+        f"{kind} fp32 {peaks[kind]['fp32'] / scale:.0f} GFLOP/s, bf16 {peaks[kind]['bf16'] / scale:.0f} GFLOP/s"
+        for kind in ("conv", "matmul")
+        if kind in peaks
+    )
 
 
 def fmt(m: dict) -> str:
@@ -512,10 +554,13 @@ def fmt(m: dict) -> str:
 
 
 def table(results: dict) -> str:
-    peaks = results["matmul_peak_gflops"]
+    # Runs before the convolution peak was measured have only the matmul peak.
+    kind = "conv" if "conv_peak_gflops" in results else "matmul"
+    peaks = results[f"{kind}_peak_gflops"]
+    shown = {k: results[f"{k}_peak_gflops"] for k in ("conv", "matmul") if f"{k}_peak_gflops" in results}
     lines = [
         f"batch {results['batch_size']}; {results['images']}; {results['rounds']} timed round(s) after a warm-up "
-        f"block; matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s",
+        f"block; peaks: {peak_text(shown, 1.0)}; percentages of the {kind} peak",
         "",
         "| model | px | train naive | train facecls | x | predict naive | predict facecls | x "
         "| data naive | data facecls | data / fastest model | train GFLOP/s naive (% fp32 peak) "

@@ -48,3 +48,6 @@ def test_throughput_benchmark_measures_three_sides(tmp_path, shared_data):
             assert "dirty_decay_ms:-1" in environment[side]["malloc_conf"]
     assert config["runtime"]["depthwise_fp32_input_grad"] == (config["runtime"]["precision"] == "bf16")
     assert all(config["memory"][side]["main_mb"] > 0 for side in ("naive", "facecls"))
+    for kind in ("conv", "matmul"):
+        assert all(report[f"{kind}_peak_gflops"][p] > 0 for p in ("fp32", "bf16")), report
+    assert "percentages of the conv peak" in done.stdout

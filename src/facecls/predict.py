@@ -91,11 +91,18 @@ def report_compile_failure(model: torch.nn.Module, console: Console) -> None:
 
 
 def predict_loader(
-    dataset: ImageFiles, batch_size: int, runtime: Runtime, indices: list[int] | None = None
+    dataset: ImageFiles,
+    batch_size: int,
+    runtime: Runtime,
+    indices: list[int] | None = None,
+    persistent: bool = False,
 ) -> DataLoader:
-    """In-order batches of ``dataset`` (or of ``indices``), decoded in the runtime's worker processes."""
+    """In-order batches of ``dataset`` (or of ``indices``), decoded in the runtime's worker processes;
+    with ``persistent``, the workers stay up between passes over the loader."""
     sampler = indices if indices is not None else list(range(len(dataset)))
-    kwargs = {**loader_kwargs(runtime), "persistent_workers": False}
+    kwargs = loader_kwargs(runtime)
+    if runtime.workers > 0:
+        kwargs["persistent_workers"] = persistent
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
 
 
