@@ -100,10 +100,7 @@ def predict_loader(
     """In-order batches of ``dataset`` (or of ``indices``), decoded in the runtime's worker processes;
     with ``persistent``, the workers stay up between passes over the loader."""
     sampler = indices if indices is not None else list(range(len(dataset)))
-    kwargs = loader_kwargs(runtime)
-    if runtime.workers > 0:
-        kwargs["persistent_workers"] = persistent
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **loader_kwargs(runtime, persistent))
 
 
 @torch.inference_mode()

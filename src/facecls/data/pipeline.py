@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from facecls.config import AugmentConfig, DataConfig
 from facecls.data.datasets import EpochSampler, FaceImages, shard
-from facecls.data.images import DecodedCache, UnreadableImage, open_rgb
+from facecls.data.images import DecodedCache, UnreadableImage, check_decodes
 from facecls.data.scan import SkippedFile, find_labelled_images
 from facecls.data.split import ManifestRow, class_names_from, read_manifest, stratified_split
 from facecls.data.transforms import train_transform
@@ -41,7 +41,7 @@ def make_manifest(
 
 def _check_one(path: str) -> str | None:
     try:
-        open_rgb(path, min_size=1)  # a JPEG at 1/8 scale: still reads and checks the whole stream
+        check_decodes(path)
     except UnreadableImage as exc:
         return str(exc)
     return None
@@ -130,10 +130,11 @@ def _ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def loader_kwargs(runtime: Runtime) -> dict:
+def loader_kwargs(runtime: Runtime, persistent: bool = True) -> dict:
+    """DataLoader settings from the runtime; with ``persistent`` the workers stay up between passes."""
     kwargs = {"num_workers": runtime.workers, "pin_memory": runtime.pin_memory}
     if runtime.workers > 0:
-        kwargs.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=_ignore_sigint)
+        kwargs.update(persistent_workers=persistent, prefetch_factor=4, worker_init_fn=_ignore_sigint)
     return kwargs
 
 
@@ -161,5 +162,5 @@ def eval_loader(dataset, batch_size: int, env: DistEnv, runtime: Runtime) -> Dat
         batch_size=batch_size,
         sampler=indices,
         generator=torch.Generator().manual_seed(0),
-        **{**loader_kwargs(runtime), "persistent_workers": False},
+        **loader_kwargs(runtime, persistent=False),
     )
