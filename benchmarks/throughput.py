@@ -70,36 +70,33 @@ def peak_rss_mb(pid: int | str = "self") -> float:
     return 0.0
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
-    """Achieved FLOP/s of a big square torch.mm (all of torch's threads)."""
+def _achieved_flops(step, flops_per_call: float, seconds: float) -> float:
+    """FLOP/s of ``step()`` run for ``seconds`` after 3 warm-up calls, on all of torch's threads."""
     torch.set_num_threads(DEFAULT_THREADS)
+    with torch.no_grad():
+        for _ in range(3):
+            step()
+        iters, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            step()
+            iters += 1
+    return flops_per_call * iters / (time.perf_counter() - started)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
+    """Achieved FLOP/s of a big square torch.mm."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    for _ in range(3):
-        torch.mm(a, b)
-    iters, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        torch.mm(a, b)
-        iters += 1
-    return 2 * n**3 * iters / (time.perf_counter() - started)
+    return _achieved_flops(lambda: torch.mm(a, b), 2 * n**3, seconds)
 
 
 def conv_peak(dtype: torch.dtype, seconds: float = 2.0) -> float:
-    """Achieved FLOP/s of a 3x3 convolution, 256 -> 256 channels at 28 px, batch 32, channels_last (all of
-    torch's threads): the oneDNN kernel the models spend most of their time in. This is the peak the
-    percentages use: torch.mm in fp32 goes to MKL, which on AMD CPUs runs at well under half of what
-    oneDNN's fp32 convolutions reach (measured 200 vs 510 GFLOP/s), so a matmul peak overstates fp32."""
-    torch.set_num_threads(DEFAULT_THREADS)
+    """Achieved FLOP/s of a 3x3 convolution, 256 -> 256 channels at 28 px, batch 32, channels_last: the
+    oneDNN kernel the models spend most of their time in. This is the peak the percentages use: torch.mm
+    in fp32 goes to MKL, which on AMD CPUs runs at well under half of what oneDNN's fp32 convolutions
+    reach (measured 200 vs 510 GFLOP/s), so a matmul peak overstates fp32."""
     x = torch.randn(32, 256, 28, 28).to(dtype).contiguous(memory_format=torch.channels_last)
     w = torch.randn(256, 256, 3, 3).to(dtype).contiguous(memory_format=torch.channels_last)
-    flops = 2 * 32 * 28 * 28 * 256 * 256 * 9
-    with torch.no_grad():
-        for _ in range(3):
-            nn.functional.conv2d(x, w, padding=1)
-        iters, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            nn.functional.conv2d(x, w, padding=1)
-            iters += 1
-    return flops * iters / (time.perf_counter() - started)
+    return _achieved_flops(lambda: nn.functional.conv2d(x, w, padding=1), 2 * 32 * 28 * 28 * 256 * 256 * 9, seconds)
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -523,23 +520,23 @@ def run(args) -> dict:
     end_peaks = measure_peaks()
     # The higher of the two measurements is the better estimate of what the cores can do.
     for kind in ("matmul", "conv"):
-        results[f"{kind}_peak_gflops"] = {p: max(peaks[kind][p], end_peaks[kind][p]) / 1e9 for p in ("fp32", "bf16")}
-        results[f"{kind}_peak_gflops_start_end"] = {
-            p: [peaks[kind][p] / 1e9, end_peaks[kind][p] / 1e9] for p in ("fp32", "bf16")
-        }
+        results[f"{kind}_peak_gflops"] = {p: max(peaks[kind][p], end_peaks[kind][p]) for p in ("fp32", "bf16")}
+        results[f"{kind}_peak_gflops_start_end"] = {p: [peaks[kind][p], end_peaks[kind][p]] for p in ("fp32", "bf16")}
     return results
 
 
 def measure_peaks() -> dict:
+    """GFLOP/s of torch.mm and of a convolution, in fp32 and bf16."""
     return {
-        "matmul": {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)},
-        "conv": {"fp32": conv_peak(torch.float32), "bf16": conv_peak(torch.bfloat16)},
+        kind: {name: peak(dtype) / 1e9 for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+        for kind, peak in (("matmul", matmul_peak), ("conv", conv_peak))
     }
 
 
-def peak_text(peaks: dict, scale: float = 1e9) -> str:
+def peak_text(peaks: dict) -> str:
+    """``peaks``: {"conv"|"matmul": {"fp32"|"bf16": GFLOP/s}} (either kind may be missing)."""
     return "; ".join(
-        f"{kind} fp32 {peaks[kind]['fp32'] / scale:.0f} GFLOP/s, bf16 {peaks[kind]['bf16'] / scale:.0f} GFLOP/s"
+        f"{kind} fp32 {peaks[kind]['fp32']:.0f} GFLOP/s, bf16 {peaks[kind]['bf16']:.0f} GFLOP/s"
         for kind in ("conv", "matmul")
         if kind in peaks
     )
@@ -560,7 +557,7 @@ def table(results: dict) -> str:
     shown = {k: results[f"{k}_peak_gflops"] for k in ("conv", "matmul") if f"{k}_peak_gflops" in results}
     lines = [
         f"batch {results['batch_size']}; {results['images']}; {results['rounds']} timed round(s) after a warm-up "
-        f"block; peaks: {peak_text(shown, 1.0)}; percentages of the {kind} peak",
+        f"block; peaks: {peak_text(shown)}; percentages of the {kind} peak",
         "",
         "| model | px | train naive | train facecls | x | predict naive | predict facecls | x "
         "| data naive | data facecls | data / fastest model | train GFLOP/s naive (% fp32 peak) "
