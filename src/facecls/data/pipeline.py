@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,17 +125,34 @@ def _broadcast(env: DistEnv, obj):
     return broadcast_object(env, obj)
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """Ctrl-C belongs to the main process (training stops at a step boundary and saves); a worker that
-    died of it would break the step that is finishing."""
+def _init_worker(worker_id: int) -> None:
+    """Set up a loader worker.
+
+    Ctrl-C belongs to the main process (training stops at a step boundary and saves); a worker that died
+    of it would break the step that is finishing, so workers ignore it. And a worker hands its batches'
+    shared memory to the main process through multiprocessing's resource sharer; when the main process is
+    killed in the middle of that handshake, the sharer's thread reports the reset connection with a full
+    traceback on the terminal the user killed the run from. The worker exits right after (its parent is
+    gone) and nothing is lost, so that one report is dropped; every other one still goes to the hook."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.excepthook = _quiet_when_the_receiver_died(sys.excepthook)
+
+
+def _quiet_when_the_receiver_died(hook):
+    def excepthook(kind, value, tb):
+        outermost = tb.tb_frame.f_code.co_filename if tb is not None else ""
+        if issubclass(kind, (ConnectionError, EOFError)) and Path(outermost).name == "resource_sharer.py":
+            return
+        hook(kind, value, tb)
+
+    return excepthook
 
 
 def loader_kwargs(runtime: Runtime, persistent: bool = True) -> dict:
     """DataLoader settings from the runtime; with ``persistent`` the workers stay up between passes."""
     kwargs = {"num_workers": runtime.workers, "pin_memory": runtime.pin_memory}
     if runtime.workers > 0:
-        kwargs.update(persistent_workers=persistent, prefetch_factor=4, worker_init_fn=_ignore_sigint)
+        kwargs.update(persistent_workers=persistent, prefetch_factor=4, worker_init_fn=_init_worker)
     return kwargs
 
 
