@@ -1,5 +1,6 @@
-"""Shared fixtures: where the real face datasets live (../shared/data beside the checkout), and a local
-HTTP server on 127.0.0.1 for the download code (the tests never touch the internet)."""
+"""Shared fixtures: the real faces that ship with the tests (tests/faces_data, see its README), aligned
+crops made from them once per session, and a local HTTP server on 127.0.0.1 for the download code (the
+tests never touch the internet)."""
 
 import threading
 from collections.abc import Callable, Iterator
@@ -8,15 +9,24 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+FACES_DATA = Path(__file__).resolve().parent / "faces_data"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"real test data not found at {SHARED_DATA} (expected ../shared/data beside the checkout)")
-    return SHARED_DATA
+def faces_data() -> Path:
+    """``orl/``, ``yale/`` and ``five_celebrity/``, each ``<identity>/<image>`` (read-only: copy to change)."""
+    return FACES_DATA
+
+
+@pytest.fixture(scope="session")
+def five_celebrity_aligned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The five-celebrity photos detected and aligned to 112 x 112 by ``facecls prepare`` (YuNet), as
+    ``<identity>/<image>``: real in-the-wild faces in the layout the face-pretrained recipes expect."""
+    from facecls.faces.prepare import prepare_folder
+
+    out = tmp_path_factory.mktemp("five_celebrity") / "aligned"
+    prepare_folder(FACES_DATA / "five_celebrity", out, size=112, progress=False)
+    return out
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from facecls.allocator import JEMALLOC_PATHS
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_throughput_benchmark_measures_three_sides(tmp_path, shared_data):
+def test_throughput_benchmark_measures_three_sides(tmp_path, faces_data):
     results = tmp_path / "results.json"
     command = [
         sys.executable,

@@ -12,12 +12,12 @@ IDENTITIES = 20
 
 
 @pytest.fixture(scope="module")
-def orl_data(shared_data, tmp_path_factory):
+def orl_data(faces_data, tmp_path_factory):
     """ORL in the Kaggle layout: images 1-8 of each identity labelled, 9-10 in a flat test/ folder."""
     root = tmp_path_factory.mktemp("orl")
     solution = [("image_name", "label")]
     (root / "test").mkdir()
-    for ident in sorted((shared_data / "orl").iterdir())[:IDENTITIES]:
+    for ident in sorted((faces_data / "orl").iterdir())[:IDENTITIES]:
         (root / "train" / ident.name).mkdir(parents=True)
         for image in sorted(ident.iterdir()):
             if image.stem in ("9", "10"):

@@ -9,9 +9,9 @@ from PIL import Image
 from facecls.data.images import load_image, open_rgb, resize_square
 
 
-def _big_face_jpeg(shared_data, path, size=(1600, 1200), orientation=None):
-    person = sorted(p for p in (shared_data / "celeb24").iterdir() if p.is_dir())[0]
-    face = Image.open(sorted(person.iterdir())[0]).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+def _big_face_jpeg(faces_data, path, size=(1600, 1200), orientation=None):
+    photo = sorted((faces_data / "five_celebrity" / "madonna").iterdir())[0]
+    face = Image.open(photo).convert("RGB").resize(size, Image.Resampling.BICUBIC)
     exif = face.getexif()
     if orientation is not None:
         exif[0x0112] = orientation
@@ -19,8 +19,8 @@ def _big_face_jpeg(shared_data, path, size=(1600, 1200), orientation=None):
     return path
 
 
-def test_large_jpeg_decodes_at_the_smallest_scale_that_still_covers_the_size(shared_data, tmp_path):
-    path = _big_face_jpeg(shared_data, tmp_path / "big.jpg")
+def test_large_jpeg_decodes_at_the_smallest_scale_that_still_covers_the_size(faces_data, tmp_path):
+    path = _big_face_jpeg(faces_data, tmp_path / "big.jpg")
     assert open_rgb(path).size == (1600, 1200)
     assert open_rgb(path, min_size=224).size == (400, 300)  # 1/4: 1/8 would be 200 x 150, under 224
     assert open_rgb(path, min_size=700).size == (1600, 1200)  # 1/2 would be 800 x 600: 600 < 700
@@ -30,8 +30,8 @@ def test_large_jpeg_decodes_at_the_smallest_scale_that_still_covers_the_size(sha
     assert np.abs(fast - whole).mean() < 2.0  # the same picture, up to the downscaling filter
 
 
-def test_reduced_scale_decoding_keeps_exif_rotation(shared_data, tmp_path):
-    path = _big_face_jpeg(shared_data, tmp_path / "rotated.jpg", orientation=6)
+def test_reduced_scale_decoding_keeps_exif_rotation(faces_data, tmp_path):
+    path = _big_face_jpeg(faces_data, tmp_path / "rotated.jpg", orientation=6)
     assert open_rgb(path, min_size=224).size == (300, 400)  # stored 400 x 300 at 1/4, shown upright
     fast = load_image(path, 224).astype(int)
     whole = resize_square(open_rgb(path), 224).astype(int)

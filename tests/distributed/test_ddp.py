@@ -144,7 +144,7 @@ def assert_rows_close(rows: list[dict], expected: list[dict]) -> None:
 
 
 @pytest.fixture(scope="module")
-def data(shared_data, tmp_path_factory) -> Path:
+def data(faces_data, tmp_path_factory) -> Path:
     """DATA/train/<identity>/ (ORL images 1-8), DATA/flat/ (17 unlabelled images) for predict, and
     DATA/backbone.pt: "pretrained" weights that only rank 0 reads (DDP hands them to the other process;
     if it did not, the runs below would not match)."""
@@ -153,11 +153,11 @@ def data(shared_data, tmp_path_factory) -> Path:
     for i in range(1, IDENTITIES + 1):
         (root / "train" / f"s{i}").mkdir(parents=True)
         for j in range(1, IMAGES + 1):
-            shutil.copy(shared_data / "orl" / f"s{i}" / f"{j}.pgm", root / "train" / f"s{i}" / f"{j}.pgm")
+            shutil.copy(faces_data / "orl" / f"s{i}" / f"{j}.pgm", root / "train" / f"s{i}" / f"{j}.pgm")
         for j in (9, 10):
-            shutil.copy(shared_data / "orl" / f"s{i}" / f"{j}.pgm", root / "flat" / f"s{i}_{j}.pgm")
+            shutil.copy(faces_data / "orl" / f"s{i}" / f"{j}.pgm", root / "flat" / f"s{i}_{j}.pgm")
     for j in range(1, 6):
-        shutil.copy(shared_data / "orl" / "s7" / f"{j}.pgm", root / "flat" / f"s7_{j}.pgm")
+        shutil.copy(faces_data / "orl" / "s7" / f"{j}.pgm", root / "flat" / f"s7_{j}.pgm")
     torch.manual_seed(123)  # not the training seed: these differ from the model's own initialisation
     torch.save(create_model("mobilenet_v2", IDENTITIES, HeadConfig()).backbone.state_dict(), root / "backbone.pt")
     return root

@@ -12,12 +12,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def yale_raw(shared_data, tmp_path_factory):
+def yale_raw(faces_data, tmp_path_factory):
     """Yale in the Kaggle layout: the last image of each identity goes to a flat raw test folder."""
     root = tmp_path_factory.mktemp("yale_raw")
     (root / "test").mkdir()
     solution = [("image_name", "label")]
-    for ident in sorted((shared_data / "yale").iterdir()):
+    for ident in sorted((faces_data / "yale").iterdir()):
         images = sorted(ident.iterdir())
         (root / "train" / ident.name).mkdir(parents=True)
         for image in images[:-1]:

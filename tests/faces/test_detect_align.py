@@ -33,8 +33,8 @@ def detector() -> YuNetDetector:
 
 
 @pytest.fixture(scope="module")
-def yale_images(shared_data: Path) -> list[tuple[str, np.ndarray]]:
-    files = sorted((shared_data / "yale").glob("*/*.png"))
+def yale_images(faces_data: Path) -> list[tuple[str, np.ndarray]]:
+    files = sorted((faces_data / "yale").glob("*/*.png"))
     assert len(files) == 164
     return [(f.name, _load(f)) for f in files]
 
@@ -116,16 +116,16 @@ def test_every_yale_image_has_a_face_and_alignment_puts_the_eyes_on_the_template
     assert errors.max() <= 12.0
 
 
-def test_most_five_celebrity_images_have_a_face(detector: YuNetDetector, shared_data: Path) -> None:
-    files = sorted((shared_data / "five_celebrity").glob("*/*.jpg"))
+def test_most_five_celebrity_images_have_a_face(detector: YuNetDetector, faces_data: Path) -> None:
+    files = sorted((faces_data / "five_celebrity").glob("*/*.jpg"))
     assert len(files) == 93
     found = sum(bool(detector(_load(f))) for f in files)
     print(f"five_celebrity: face found in {found}/{len(files)} images")
     assert found >= 0.9 * len(files)  # measured: 93/93
 
 
-def test_greyscale_input_gives_the_same_faces(detector: YuNetDetector, shared_data: Path) -> None:
-    grey = np.asarray(Image.open(shared_data / "yale" / "subject01" / "subject01_normal.png").convert("L"))
+def test_greyscale_input_gives_the_same_faces(detector: YuNetDetector, faces_data: Path) -> None:
+    grey = np.asarray(Image.open(faces_data / "yale" / "subject01" / "subject01_normal.png").convert("L"))
     assert grey.ndim == 2
     from_grey = detector(grey)
     from_rgb = detector(np.repeat(grey[:, :, None], 3, axis=2))
@@ -266,9 +266,9 @@ def test_center_crop_takes_the_middle_square() -> None:
     assert crop.min() >= 190  # only the middle (bright) square is used
 
 
-def test_face_aligner_reports(shared_data: Path) -> None:
+def test_face_aligner_reports(faces_data: Path) -> None:
     aligner = FaceAligner(size=160, margin=0.1)
-    with Image.open(shared_data / "yale" / "subject02" / "subject02_happy.png") as image:
+    with Image.open(faces_data / "yale" / "subject02" / "subject02_happy.png") as image:
         crop, report = aligner(image)
     assert crop is not None and crop.shape == (160, 160, 3)
     assert report.status == "aligned" and report.faces_found == 1 and report.score > 0.8

@@ -22,9 +22,9 @@ def _report(out_dir: Path) -> dict[str, dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def yale_prepared(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, object]:
+def yale_prepared(faces_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, object]:
     """All of Yale through two worker processes (the parallel path)."""
-    raw, out = shared_data / "yale", tmp_path_factory.mktemp("yale") / "aligned"
+    raw, out = faces_data / "yale", tmp_path_factory.mktemp("yale") / "aligned"
     start = time.perf_counter()
     summary = prepare_folder(raw, out, workers=2, progress=False)
     print(f"prepare: all {summary.total} Yale frames in {time.perf_counter() - start:.1f} s with 2 workers")
@@ -87,9 +87,9 @@ def test_bad_folders_are_refused(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def messy_raw(shared_data: Path, tmp_path: Path) -> Path:
+def messy_raw(faces_data: Path, tmp_path: Path) -> Path:
     """Identity folders with good, odd-format, broken, faceless and hidden files."""
-    yale = shared_data / "yale"
+    yale = faces_data / "yale"
     raw = tmp_path / "raw"
     (raw / "alice").mkdir(parents=True)
     (raw / "bob").mkdir()
@@ -163,10 +163,10 @@ def test_fallback_center_crops_faceless_images(messy_raw: Path, tmp_path: Path) 
         assert np.asarray(crop).std() == 0
 
 
-def test_flat_folder_of_images(shared_data: Path, tmp_path: Path) -> None:
+def test_flat_folder_of_images(faces_data: Path, tmp_path: Path) -> None:
     raw = tmp_path / "test_images"
     raw.mkdir()
-    for path in sorted((shared_data / "five_celebrity").glob("*/test_*.jpg"))[:3]:
+    for path in sorted((faces_data / "five_celebrity").glob("*/test_*.jpg"))[:3]:
         shutil.copy(path, raw / path.name)
     out = tmp_path / "out"
     summary = prepare_folder(raw, out, margin=0.2, pick="central", workers=1, progress=False)

@@ -39,13 +39,13 @@ def tiny_args(*extra: str) -> list[str]:
     return args
 
 
-def copy_identities(shared_data: Path, dest: Path, identities: int, images: int) -> Path:
+def copy_identities(faces_data: Path, dest: Path, identities: int, images: int) -> Path:
     """DEST/train/<identity>/ with the first ``images`` ORL images of ``identities`` identities."""
     for i in range(1, identities + 1):
         folder = dest / "train" / f"s{i}"
         folder.mkdir(parents=True)
         for j in range(1, images + 1):
-            shutil.copy(shared_data / "orl" / f"s{i}" / f"{j}.pgm", folder / f"{j}.pgm")
+            shutil.copy(faces_data / "orl" / f"s{i}" / f"{j}.pgm", folder / f"{j}.pgm")
     return dest
 
 
@@ -185,26 +185,26 @@ class MessyData:
     """Left out for other reasons: hidden, not an image, empty identity folder, stray file."""
 
 
-def build_messy_data(shared_data: Path, root: Path) -> MessyData:
+def build_messy_data(faces_data: Path, root: Path) -> MessyData:
     """Real ORL faces plus every kind of awkward file a user's folder tends to hold."""
     train = root / "train"
-    copy_identities(shared_data, root, identities=3, images=6)
+    copy_identities(faces_data, root, identities=3, images=6)
     odd_names = train / "José Ñúñez"  # non-ASCII and a space in the identity, spaces in file names
     odd_names.mkdir()
     for j in range(1, 7):
-        shutil.copy(shared_data / "orl" / "s4" / f"{j}.pgm", odd_names / f"photo één {j}.pgm")
+        shutil.copy(faces_data / "orl" / "s4" / f"{j}.pgm", odd_names / f"photo één {j}.pgm")
     formats = train / "s5"  # unusual but readable files
     formats.mkdir()
     for j in range(1, 5):
-        shutil.copy(shared_data / "orl" / "s5" / f"{j}.pgm", formats / f"{j}.pgm")
+        shutil.copy(faces_data / "orl" / "s5" / f"{j}.pgm", formats / f"{j}.pgm")
     awkward = write_awkward_images(formats)
     latin1 = os.fsdecode(b"caf\xe9.pgm")  # a Latin-1 name from an old archive: not valid UTF-8
-    shutil.copy(shared_data / "orl" / "s5" / "5.pgm", formats / latin1)
+    shutil.copy(faces_data / "orl" / "s5" / "5.pgm", formats / latin1)
     awkward.append(latin1)
     broken = train / "s6"  # files that cannot be decoded, and files that are no images
     broken.mkdir()
     for j in range(1, 5):
-        shutil.copy(shared_data / "orl" / "s6" / f"{j}.pgm", broken / f"{j}.pgm")
+        shutil.copy(faces_data / "orl" / "s6" / f"{j}.pgm", broken / f"{j}.pgm")
     bad = write_bad_files(broken)
     (broken / "notes.txt").write_text("not an image\n")
     (broken / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
@@ -212,10 +212,10 @@ def build_messy_data(shared_data: Path, root: Path) -> MessyData:
     for name, count in (("solo", 1), ("duo", 2)):  # identities with one and two images
         (train / name).mkdir()
         for j in range(1, count + 1):
-            shutil.copy(shared_data / "orl" / "s7" / f"{j}.pgm", train / name / f"{j}.pgm")
+            shutil.copy(faces_data / "orl" / "s7" / f"{j}.pgm", train / name / f"{j}.pgm")
     (train / "empty_person").mkdir()
     (train / ".hidden_folder").mkdir()
-    shutil.copy(shared_data / "orl" / "s8" / "1.pgm", train / ".hidden_folder" / "1.pgm")
+    shutil.copy(faces_data / "orl" / "s8" / "1.pgm", train / ".hidden_folder" / "1.pgm")
     (train / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (train / "readme.md").write_text("stray file\n")
 
@@ -236,8 +236,8 @@ def build_messy_data(shared_data: Path, root: Path) -> MessyData:
 
 
 @pytest.fixture(scope="session")
-def messy_data(shared_data, tmp_path_factory) -> MessyData:
-    return build_messy_data(shared_data, tmp_path_factory.mktemp("messy") / "data")
+def messy_data(faces_data, tmp_path_factory) -> MessyData:
+    return build_messy_data(faces_data, tmp_path_factory.mktemp("messy") / "data")
 
 
 @dataclass

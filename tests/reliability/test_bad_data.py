@@ -124,14 +124,14 @@ def test_every_readable_image_is_in_the_split_and_in_a_dataset(trained_run):
 
 
 @pytest.fixture
-def test_folder(tmp_path, shared_data) -> tuple[Path, list[str], list[str]]:
+def test_folder(tmp_path, faces_data) -> tuple[Path, list[str], list[str]]:
     """A flat folder: real faces, awkward formats, broken files and a hidden file."""
     folder = tmp_path / "test images"
     folder.mkdir()
     for j in range(1, 4):
-        shutil.copy(shared_data / "orl" / "s1" / f"{j + 6}.pgm", folder / f"visage n°{j}.pgm")
+        shutil.copy(faces_data / "orl" / "s1" / f"{j + 6}.pgm", folder / f"visage n°{j}.pgm")
     latin1 = os.fsdecode(b"f\xe9e.pgm")  # not valid UTF-8: the submission must name it byte for byte
-    shutil.copy(shared_data / "orl" / "s1" / "10.pgm", folder / latin1)
+    shutil.copy(faces_data / "orl" / "s1" / "10.pgm", folder / latin1)
     readable = [f"visage n°{j}.pgm" for j in range(1, 4)] + [latin1] + write_awkward_images(folder)
     bad = write_bad_files(folder)
     (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")

@@ -154,8 +154,8 @@ def during_final_evaluation(run: Path):
     return lambda: (run / "eval_val.json").exists()
 
 
-def test_killed_and_resumed_run_equals_uninterrupted_run(shared_data, tmp_path):
-    data = copy_identities(shared_data, tmp_path / "data", identities=4, images=6)  # 16 train: 4 steps/epoch
+def test_killed_and_resumed_run_equals_uninterrupted_run(faces_data, tmp_path):
+    data = copy_identities(faces_data, tmp_path / "data", identities=4, images=6)  # 16 train: 4 steps/epoch
     (data / "train" / "s1" / ".DS_Store").write_bytes(b"\0")  # skipped_files.csv must survive resumes
     base, run = tmp_path / "base", tmp_path / "killed"
     code, _, out = Child(_train_new(data, base)).run()
@@ -236,8 +236,8 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
-def test_disk_full_during_training_is_one_line(shared_data, tmp_path, monkeypatch, run_cli, one_core):
-    data = copy_identities(shared_data, tmp_path / "data", identities=3, images=6)  # 3 steps/epoch
+def test_disk_full_during_training_is_one_line(faces_data, tmp_path, monkeypatch, run_cli, one_core):
+    data = copy_identities(faces_data, tmp_path / "data", identities=3, images=6)  # 3 steps/epoch
     run = tmp_path / "run"
     real_save, calls = torch.save, []
 
@@ -282,8 +282,8 @@ def test_one_line_helper_is_strict():  # the helper used across this folder must
         assert_one_line_error(CliResult(2, "", "Traceback (most recent call last):\nfacecls: error: x\n"))
 
 
-def test_disk_full_outside_checkpoints_is_one_line(shared_data, tmp_path, monkeypatch, run_cli, one_core):
-    data = copy_identities(shared_data, tmp_path / "data", identities=3, images=6)
+def test_disk_full_outside_checkpoints_is_one_line(faces_data, tmp_path, monkeypatch, run_cli, one_core):
+    data = copy_identities(faces_data, tmp_path / "data", identities=3, images=6)
 
     def full_disk(path, row):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -59,8 +59,8 @@ def test_predict_and_resume_refuse_crafted_checkpoints(run_cli, trained_run, tmp
     assert not marker.exists()
 
 
-def test_training_refuses_crafted_weights(run_cli, shared_data, tmp_path, marker, one_core):
-    data = copy_identities(shared_data, tmp_path / "data", identities=2, images=3)
+def test_training_refuses_crafted_weights(run_cli, faces_data, tmp_path, marker, one_core):
+    data = copy_identities(faces_data, tmp_path / "data", identities=2, images=3)
     weights = craft(tmp_path / "crafted.pt", marker, wrap_as_checkpoint=False)
     result = run_cli("train", "--data", data, "--out", tmp_path / "run", "--weights", weights, *tiny_args())
     errors = [line for line in result.error_lines if line.startswith("facecls: error:")]
