@@ -100,12 +100,15 @@ def conv_peak(dtype: torch.dtype, seconds: float = 2.0) -> float:
 
 
 # ---- data --------------------------------------------------------------------------------------
-def make_jpeg_data(dst: Path, size: int, identities: int, per_identity: int) -> Path:
-    """celeb24 PNGs resized to ``size`` and saved as JPEG (q90): train/<identity>/ and a flat test/."""
+def make_jpeg_data(faces: Path, dst: Path, size: int, identities: int, per_identity: int) -> Path:
+    """Face images from ``faces/<identity>/`` resized to ``size`` and saved as JPEG (q90): train/<identity>/
+    and a flat test/."""
     root = dst / f"jpeg{size}"
     if (root / "done").exists():
         return root
-    people = sorted(p for p in CELEB24.iterdir() if p.is_dir())[:identities]
+    if not faces.is_dir():
+        raise SystemExit(f"face folders not found at {faces}: pass --faces DIR (DIR/<identity>/<image>)")
+    people = sorted(p for p in faces.iterdir() if p.is_dir())[:identities]
     (root / "test").mkdir(parents=True, exist_ok=True)
     for person in people:
         (root / "train" / person.name).mkdir(parents=True, exist_ok=True)
@@ -487,7 +490,7 @@ def run(args) -> dict:
     peaks = measure_peaks()
     print(f"peaks: {peak_text(peaks)}", flush=True)
     for size in args.sizes:
-        data = make_jpeg_data(work, size, args.identities, args.per_identity)
+        data = make_jpeg_data(args.faces, work, size, args.identities, args.per_identity)
         for name in args.models:
             print(f"== {name} @ {size}px", flush=True)
             command = side_command(args, name, size, data)
@@ -611,6 +614,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick",
         action="store_true",
         help="a smoke run: batch 32, 4 images per identity, one timed round, short passes",
+    )
+    p.add_argument(
+        "--faces",
+        type=Path,
+        default=CELEB24,
+        help="real faces as DIR/<identity>/<image> (default: ../shared/data/celeb24 beside the checkout)",
     )
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--sizes", nargs="+", type=int, default=[224, 112])

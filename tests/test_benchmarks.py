@@ -18,6 +18,7 @@ def test_throughput_benchmark_measures_three_sides(tmp_path, faces_data):
         sys.executable,
         str(ROOT / "benchmarks" / "throughput.py"),
         "--quick",
+        "--faces", str(faces_data / "five_celebrity"),
         "--models", "mobilenet_v2",
         "--sizes", "64",
         "--identities", "3",
