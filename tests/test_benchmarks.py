@@ -52,3 +52,17 @@ def test_throughput_benchmark_measures_three_sides(tmp_path, faces_data):
     for kind in ("conv", "matmul"):
         assert all(report[f"{kind}_peak_gflops"][p] > 0 for p in ("fp32", "bf16")), report
     assert "percentages of the conv peak" in done.stdout
+
+
+def test_gpu_check_script_runs_on_cpu_at_its_tiny_size(tmp_path):
+    """The GPU check is ready for a GPU machine: on a CPU its --tiny mode trains and reports every setting."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--tiny", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=480, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())["rows"]
+    assert [(r["recipe"], r["setting"]) for r in rows] == [("mobilenet_v2", "fp32"), ("mobilenet_v2", "bf16+cl")]
+    assert all(r["exit"] == 0 and r["img_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in rows)
+    assert "NCCL: skipped (fewer than 2 GPUs)" in done.stdout

@@ -1,0 +1,157 @@
+"""A short, self-contained check for a machine with a GPU (run it through ``benchmarks/gpu_check.sh``).
+
+Each recipe is trained from random initialisation for 300 steps (10 epochs) at its own resolution on the
+built-in synthetic faces (nothing is downloaded), once per speed setting (fp32; bf16 + channels_last;
+bf16 + channels_last + torch.compile), exactly as ``facecls train`` runs it. It prints training img/s
+(from the run's metrics.csv: the whole epoch, loading included) and the peak memory (GPU memory from
+nvidia-smi on a GPU, the process's peak RSS on a CPU). With two or more GPUs it also trains with
+``--nproc 2`` (NCCL) and checks the run recorded two processes. A budget (default 8 minutes) stops it
+from starting a configuration it could not finish. ``--tiny`` is the CPU smoke test of this script.
+
+    bash benchmarks/gpu_check.sh                 # on the GPU machine
+    bash benchmarks/gpu_check.sh --tiny          # anywhere: one small model, two short epochs
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from facecls.data.synthetic import SyntheticSpec, ensure_synthetic_faces
+
+RECIPES = {"resnet50": 224, "mobilenet_v2": 224, "inception_resnet_v1": 160, "sface": 112}
+VARIANTS = {
+    "fp32": ["speed.precision=fp32", "speed.channels_last=false"],
+    "bf16+cl": ["speed.precision=auto", "speed.channels_last=true"],
+    "bf16+cl+compile": ["speed.precision=auto", "speed.channels_last=true", "speed.compile=true"],
+}
+
+
+class GpuMemoryPoller:
+    """Highest ``memory.used`` (MiB) that nvidia-smi reports while running; 0 without nvidia-smi."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval, self.peak_mb = interval, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout
+                self.peak_mb = max([self.peak_mb, *(float(v) for v in out.split() if v.strip())])
+            except (OSError, ValueError, subprocess.SubprocessError):
+                return
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> GpuMemoryPoller:
+        if shutil.which("nvidia-smi"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=15)
+
+
+def train_once(data: Path, run: Path, recipe: str, size: int, epochs: int, overrides: list[str], nproc: int = 1):
+    """One ``facecls train``; returns (exit code, img/s, peak RSS MiB, peak GPU MiB, output tail). The speed
+    is the median over the epochs after the first (which pays for start-up and compiling)."""
+    command = [sys.executable, "-m", "facecls", "train", "--recipe", recipe, "--data", str(data), "--out", str(run)]
+    command += ["--no-progress"]
+    if nproc > 1:
+        command += ["--nproc", str(nproc)]
+    settings = [
+        "model.weights=none",
+        f"train.epochs={epochs}",
+        "train.frozen_epochs=0",
+        "train.unfreeze=all",
+        f"data.input_size={size}",
+        f"data.resize={size}",
+        *overrides,
+    ]
+    for item in settings:
+        command += ["--set", item]
+    with GpuMemoryPoller() as gpu, tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        tail = log.read()[-2000:]
+    speed = 0.0
+    if proc.returncode == 0:
+        with open(run / "metrics.csv", newline="") as handle:
+            speeds = [float(row["train_img_per_s"]) for row in csv.DictReader(handle)]
+        speed = statistics.median(speeds[1:] or speeds)
+    return proc.returncode, speed, usage.ru_maxrss / 1024, gpu.peak_mb, tail
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test: mobilenet_v2 at 64 px, 2 epochs, 2 settings")
+    p.add_argument("--epochs", type=int, default=10, help="epochs of 30 steps per configuration (default 10)")
+    p.add_argument("--budget", type=float, default=8.0, help="minutes; no configuration starts after that")
+    p.add_argument("--workdir", type=Path, help="keep data and runs here (default: a temporary folder)")
+    args = p.parse_args(argv)
+    recipes, variants, epochs = RECIPES, VARIANTS, args.epochs
+    if args.tiny:
+        recipes, variants, epochs = {"mobilenet_v2": 64}, {k: VARIANTS[k] for k in ("fp32", "bf16+cl")}, 2
+    started = time.monotonic()
+    gpus = torch.cuda.device_count()
+    device = torch.cuda.get_device_name(0) if gpus else "CPU (no GPU visible)"
+    print(f"gpu_check: {device}, {gpus} GPU(s), torch {torch.__version__}, {epochs} epochs per configuration")
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="facecls-gpu-check-"))
+    # 100 x 24 images: 1,920 to train, 30 steps of the recipes' batch 64 per epoch.
+    spec = SyntheticSpec(identities=4, images_per_identity=8, test_per_identity=1, size=64) if args.tiny else (
+        SyntheticSpec(identities=100, images_per_identity=24, test_per_identity=1, size=224)
+    )
+    data = ensure_synthetic_faces(work / "data", spec)
+    rows, failures = [], 0
+    print("| recipe | px | setting | img/s | peak GPU MiB | peak RSS MiB |")
+    print("|---|---|---|---|---|---|")
+    for recipe, size in recipes.items():
+        for name, overrides in variants.items():
+            if time.monotonic() - started > args.budget * 60:
+                print(f"| {recipe} | {size} | {name} | (budget spent) | | |")
+                continue
+            run = work / "runs" / f"{recipe}-{name}"
+            shutil.rmtree(run, ignore_errors=True)
+            code, speed, rss, gpu, tail = train_once(data, run, recipe, size, epochs, overrides)
+            rows.append({"recipe": recipe, "size": size, "setting": name, "img_per_s": speed, "exit": code,
+                         "peak_gpu_mb": gpu, "peak_rss_mb": rss})  # fmt: skip
+            if code:
+                failures += 1
+                print(f"| {recipe} | {size} | {name} | FAILED (exit {code}) | | |\n{tail}")
+            else:
+                print(f"| {recipe} | {size} | {name} | {speed:.1f} | {gpu:.0f} | {rss:.0f} |", flush=True)
+    if gpus >= 2:
+        run = work / "runs" / "nccl-2"
+        code, speed, _, _, tail = train_once(data, run, "resnet50", 224, 2, [], nproc=2)
+        processes = json.loads((run / "run.json").read_text())["batch"]["processes"] if code == 0 else 0
+        ok = code == 0 and processes == 2
+        failures += not ok
+        print(f"NCCL, 2 processes: {'ok' if ok else 'FAILED'} ({speed:.1f} img/s)" + ("" if ok else f"\n{tail}"))
+    else:
+        print("NCCL: skipped (fewer than 2 GPUs)")
+    (work / "gpu_check.json").write_text(json.dumps({"device": device, "gpus": gpus, "rows": rows}, indent=2))
+    print(f"results: {work / 'gpu_check.json'}  ({(time.monotonic() - started) / 60:.1f} min)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
