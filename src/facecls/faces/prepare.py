@@ -33,6 +33,7 @@ from typing import Any
 
 from PIL import Image
 
+from facecls.data.images import UnreadableImage, open_rgb
 from facecls.errors import FaceclsError
 from facecls.faces.align import FaceAligner, FaceReport
 from facecls.faces.detect import Pick, find_yunet_onnx, import_cv2
@@ -102,25 +103,13 @@ def _save_atomic(crop: Any, path: Path) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def read_image(path: Path) -> Image.Image:
-    """Open and fully decode an image (raises on zero-byte, truncated or non-image files)."""
-    image = Image.open(path)
-    try:
-        image.load()
-    except BaseException:
-        image.close()
-        raise
-    return image
-
-
 def _process(aligner: FaceAligner, raw_dir: Path, out_dir: Path, relative: Path) -> dict[str, str]:
     try:
-        image = read_image(raw_dir / relative)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        crop, report = None, FaceReport("unreadable", detail=f"{type(exc).__name__}: {exc}".strip())
+        image = open_rgb(raw_dir / relative)
+    except UnreadableImage as exc:
+        crop, report = None, FaceReport("unreadable", detail=str(exc).strip())
     else:
-        with image:
-            crop, report = aligner(image)
+        crop, report = aligner(image)
     written = ""
     if crop is not None:
         target = output_path(relative)
