@@ -12,6 +12,7 @@ from pathlib import Path
 
 from facecls.allocator import reexec_with_jemalloc
 from facecls.errors import FaceclsError
+from facecls.machine import available_cpus
 
 
 def _add_train(sub) -> None:
@@ -138,8 +139,7 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     ]
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:  # torchrun would set 1; facecls sets each worker's threads itself
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        env["OMP_NUM_THREADS"] = str(max(1, cores // nproc))
+        env["OMP_NUM_THREADS"] = str(max(1, available_cpus() // nproc))
     proc = subprocess.Popen(command, env=env)
     try:
         previous = {

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from facecls.console import progress_bar
 from facecls.errors import FaceclsError
 
 # Bump when the drawing changes, so cached datasets from an older generator are not reused.
@@ -595,6 +595,7 @@ def _write_dataset(root: Path, spec: SyntheticSpec, progress: bool) -> None:
     test_numbers = np.random.default_rng([spec.seed, 2]).permutation(total_test)
     width = max(6, len(str(total_test - 1)))
     solution: list[tuple[str, str]] = []
+    bar = progress_bar("synthetic faces (identities)", spec.identities, enabled=progress)
     for identity in range(spec.identities):
         name = identity_name(identity)
         face = _identity(spec, identity)
@@ -613,15 +614,8 @@ def _write_dataset(root: Path, spec: SyntheticSpec, progress: bool) -> None:
                 path = test_dir / f"{number:0{width}d}.jpg"
                 solution.append((path.name, name))
             _save_jpeg(picture, path, nuisance.jpeg_quality)
-        if progress:
-            print(
-                f"\rsynthetic faces: {identity + 1}/{spec.identities} identities",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
-    if progress:
-        print(file=sys.stderr)
+        bar.advance()
+    bar.close()
     with open(root / SOLUTION_FILE, "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["image_name", "label"])

@@ -33,10 +33,13 @@ from typing import Any
 
 from PIL import Image
 
+from facecls.console import progress_bar
 from facecls.data.images import UnreadableImage, open_rgb
+from facecls.data.scan import is_hidden
 from facecls.errors import FaceclsError
 from facecls.faces.align import FaceAligner, FaceReport
 from facecls.faces.detect import Pick, find_yunet_onnx, import_cv2
+from facecls.machine import available_cpus
 
 REPORT_NAME = "prepare_report.csv"
 CONFIG_NAME = "prepare_config.json"
@@ -68,11 +71,6 @@ class PrepareSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "report_path": str(self.report_path)}
-
-
-def is_hidden(name: str) -> bool:
-    """Dot files and folders (``.DS_Store``, macOS ``._*`` resource forks, ``.git``)."""
-    return name.startswith(".")
 
 
 def list_inputs(raw_dir: Path) -> list[Path]:
@@ -145,8 +143,7 @@ def _work(chunk: list[Path]) -> list[dict[str, str]]:
 
 
 def _default_workers() -> int:
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(available, 8))
+    return max(1, min(available_cpus(), 8))
 
 
 def _check_dirs(raw_dir: Path, out_dir: Path) -> tuple[Path, Path]:
@@ -286,17 +283,10 @@ def prepare_folder(
     if len(pending) < 8:
         workers = 1  # starting processes costs more than a handful of images
     results = _run(pending, aligner, aligner_options, raw_dir, out_dir, workers)
-    if progress and pending:
-        from rich.console import Console
-        from rich.progress import Progress
-
-        with Progress(console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task(f"aligning faces ({workers} workers)", total=len(pending))
-            for row in results:
-                rows.append(row)
-                bar.advance(task)
-    else:
-        rows.extend(results)
+    with progress_bar(f"aligning faces ({workers} workers)", len(pending), enabled=progress and bool(pending)) as bar:
+        for row in results:
+            rows.append(row)
+            bar.advance()
     _write_report(report_path, rows)
 
     counts = Counter(row["status"] for row in rows)
