@@ -301,11 +301,11 @@ def _leave_process_group() -> None:
 
 def _exit_without_teardown(code: int) -> None:
     """Under torchrun, once the command is done and the process group is left: end the process without
-    the interpreter's teardown. Twice in this project's CI-sized test runs (2 CPU processes, gloo) a rank
-    that had finished and written everything aborted there ("terminate called without an active
-    exception": a C++ thread still joinable when its owner was destroyed), and torchrun then reported the
-    finished run as failed (exit 1, SIGABRT). Nothing is left to do at this point: every file the command
-    wrote is closed; only the standard streams need flushing."""
+    the interpreter's teardown. That teardown can abort a rank that finished and wrote everything
+    ("terminate called without an active exception": a C++ thread of the gloo backend still joinable when
+    its owner is destroyed), and torchrun then reports the finished run as failed (SIGABRT). Nothing is
+    left to do at this point: every file the command wrote is closed; only the standard streams need
+    flushing."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -123,7 +123,8 @@ class DecodedCache:
 
     @staticmethod
     def key(paths: list[Path], size: int) -> str:
-        digest = hashlib.sha256(f"v2 {size}\n".encode())  # v2: JPEGs decoded at a reduced scale
+        # The decoder's version: change it whenever decoding gives other pixels, so no cache outlives them.
+        digest = hashlib.sha256(f"v2 {size}\n".encode())
         for path in paths:
             st = os.stat(path)
             entry = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\n"
