@@ -118,6 +118,13 @@ def resolve_runtime(config: SpeedConfig, device: str | None = None, local_rank: 
     )
 
 
+def use_cpu_threads(runtime: Runtime) -> None:
+    """Set torch's intra-op threads for ``runtime`` (on CPU). Process-wide, so only a command's start
+    calls it, once; library functions take the runtime and leave the process alone."""
+    if runtime.device == "cpu":
+        torch.set_num_threads(runtime.threads)
+
+
 def prepare_training_model(model: nn.Module, runtime: Runtime) -> nn.Module:
     """``model`` on the runtime's device and memory format, with the CPU kernel work-arounds it turns on."""
     memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
