@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from facecls.console import progress_bar
+from facecls.data.images import open_rgb
 from facecls.errors import FaceclsError
 
 # Bump when the drawing changes, so cached datasets from an older generator are not reused.
@@ -674,11 +675,7 @@ def ensure_synthetic_faces(
 
 
 def _load_pixels(paths: list[Path]) -> np.ndarray:
-    def pixels(path: Path) -> np.ndarray:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.float32).reshape(-1)
-
-    return np.stack([pixels(p) for p in paths])
+    return np.stack([np.asarray(open_rgb(p), dtype=np.float32).reshape(-1) for p in paths])
 
 
 def linear_probe_accuracy(data_dir: Path, l2: float = 1e-5, max_iter: int = 100) -> float:
