@@ -1,8 +1,8 @@
 """The memory allocator for facecls processes: keep freed memory for reuse instead of handing it back.
 
 A training step frees and re-allocates the same large activation buffers every step. Allocators that
-return them to the kernel pay a page fault per 4 KiB page when they come back: measured on the 2-core
-CPU machine (session 3), an out-of-place ReLU on a 58 MB fp32 tensor took 19 ms against 1.4 ms in place,
+return them to the kernel pay a page fault per 4 KiB page when they come back: on a 2-core Xeon
+(Sapphire Rapids), an out-of-place ReLU on a 58 MB fp32 tensor took 19 ms against 1.4 ms in place,
 under glibc malloc (which mmaps every block over 32 MiB afresh) and under jemalloc with its default
 decay alike. With freed pages kept, the same op took 3 ms and whole training steps ran 1.1-2.2x faster
 (MobileNetV2 112 px fp32: 38 -> 84 img/s with jemalloc). Peak memory did not grow (it is the high-water

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from facecls.allocator import reexec_with_jemalloc
 from facecls.errors import FaceclsError
+from facecls.machine import available_cpus
 
 
 def _add_train(sub) -> None:
@@ -138,8 +139,7 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     ]
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:  # torchrun would set 1; facecls sets each worker's threads itself
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        env["OMP_NUM_THREADS"] = str(max(1, cores // nproc))
+        env["OMP_NUM_THREADS"] = str(max(1, available_cpus() // nproc))
     proc = subprocess.Popen(command, env=env)
     try:
         previous = {
@@ -209,85 +209,130 @@ def scale_epochs(recipe, factor: float):
     return dataclasses.replace(recipe, train=dataclasses.replace(t, epochs=epochs, frozen_epochs=frozen))
 
 
+def _start_on_run(run: Path, device: str | None = None):
+    """Process-wide setup of a command that loads a trained run, done once at its start: join the torchrun
+    process group when launched by torchrun, and set torch's CPU threads from the run's recipe. Returns
+    the process group environment the command is then given."""
+    from facecls import runs
+    from facecls.distributed import init_distributed
+    from facecls.speed import resolve_runtime, use_cpu_threads
+
+    env = init_distributed(device)
+    if Path(run).is_dir():  # a missing run folder is reported by the command, as it was given
+        use_cpu_threads(resolve_runtime(runs.read_run_recipe(Path(run)).speed, device, env.local_rank))
+    return env
+
+
+def cmd_evaluate(args, argv: list[str]) -> int:
+    from facecls.evaluation import evaluate_run
+
+    env = _start_on_run(args.run)
+    evaluate_run(args.run, args.split, checkpoint=args.checkpoint, batch_size=args.batch_size, env=env)
+    return 0
+
+
+def cmd_predict(args, argv: list[str]) -> int:
+    from facecls.predict import predict_folder
+
+    env = _start_on_run(args.run)
+    predict_folder(
+        args.run,
+        args.images,
+        args.out,
+        checkpoint=args.checkpoint,
+        skip_unreadable=args.skip_unreadable,
+        detect=args.detect,
+        detector=args.detector,
+        margin=args.margin,
+        batch_size=args.batch_size,
+        compile_inference=args.compile,
+        progress=not args.no_progress,
+        env=env,
+    )
+    return 0
+
+
+def cmd_score(args, argv: list[str]) -> int:
+    from facecls.score import record_score, score_submission
+
+    score = score_submission(args.submission, args.solution)
+    print(f"accuracy {100 * score.accuracy:.2f}% ({score.correct}/{score.total})")
+    if args.run:
+        record_score(args.run, score, args.submission)
+    return 0
+
+
+def cmd_compare(args, argv: list[str]) -> int:
+    from facecls.compare import collect_rows, parse_kaggle, to_markdown, write_table
+
+    rows = collect_rows(args.runs, parse_kaggle(args.kaggle))
+    print(to_markdown(rows), end="")
+    md, csv_path = write_table(rows, args.out)
+    print(f"\nwritten: {md}, {csv_path}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args, argv: list[str]) -> int:
+    from facecls.demo import run_demo
+
+    run_demo(args.out, recipes=args.recipes, progress=not args.no_progress)
+    return 0
+
+
+def cmd_data(args, argv: list[str]) -> int:
+    from facecls.data.lfw import fetch_lfw
+
+    summary = fetch_lfw(args.dir, args.min_images, variant=args.variant, offline=args.offline, archive=args.archive)
+    print(f"LFW: {summary.identities} identities, {summary.images} images in {summary.train_dir}")
+    return 0
+
+
+def cmd_prepare(args, argv: list[str]) -> int:
+    from facecls.faces.prepare import prepare_folder
+
+    summary = prepare_folder(
+        args.raw_dir,
+        args.out_dir,
+        size=args.size,
+        margin=args.margin,
+        pick=args.pick,
+        fallback_center_crop=args.center_crop_fallback,
+        detector=args.detector,
+        workers=args.workers,
+    )
+    print(
+        f"{summary.total} images: {summary.aligned} aligned, {summary.no_face} without a face, "
+        f"{summary.center_crop} centre-cropped, {summary.unreadable} unreadable, "
+        f"{summary.done_before} done before ({summary.seconds:.1f} s); report: {summary.report_path}"
+    )
+    return 0
+
+
+def cmd_models(args, argv: list[str]) -> int:
+    from facecls.models.registry import get_entry, list_models
+
+    for name in list_models():
+        entry = get_entry(name)
+        print(f"{name:22s} weights: {', '.join(['none', *entry.weights])}  ({entry.description})")
+    return 0
+
+
+# Each subcommand's handler: ``handler(parsed arguments, the command line) -> exit code``.
+COMMANDS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
+    "score": cmd_score,
+    "compare": cmd_compare,
+    "demo": cmd_demo,
+    "data": cmd_data,
+    "prepare": cmd_prepare,
+    "models": cmd_models,
+}
+
+
 def run_command(args, argv: list[str]) -> int:
-    if args.command == "train":
-        return cmd_train(args, argv)
-    if args.command == "evaluate":
-        from facecls.evaluation import evaluate_run
-
-        evaluate_run(args.run, args.split, checkpoint=args.checkpoint, batch_size=args.batch_size)
-        return 0
-    if args.command == "predict":
-        from facecls.predict import predict_folder
-
-        predict_folder(
-            args.run,
-            args.images,
-            args.out,
-            checkpoint=args.checkpoint,
-            skip_unreadable=args.skip_unreadable,
-            detect=args.detect,
-            detector=args.detector,
-            margin=args.margin,
-            batch_size=args.batch_size,
-            compile_inference=args.compile,
-            progress=not args.no_progress,
-        )
-        return 0
-    if args.command == "score":
-        from facecls.score import record_score, score_submission
-
-        score = score_submission(args.submission, args.solution)
-        print(f"accuracy {100 * score.accuracy:.2f}% ({score.correct}/{score.total})")
-        if args.run:
-            record_score(args.run, score, args.submission)
-        return 0
-    if args.command == "compare":
-        from facecls.compare import collect_rows, parse_kaggle, to_markdown, write_table
-
-        rows = collect_rows(args.runs, parse_kaggle(args.kaggle))
-        print(to_markdown(rows), end="")
-        md, csv_path = write_table(rows, args.out)
-        print(f"\nwritten: {md}, {csv_path}", file=sys.stderr)
-        return 0
-    if args.command == "demo":
-        from facecls.demo import run_demo
-
-        run_demo(args.out, recipes=args.recipes, progress=not args.no_progress)
-        return 0
-    if args.command == "data":
-        from facecls.data.lfw import fetch_lfw
-
-        summary = fetch_lfw(args.dir, args.min_images, variant=args.variant, offline=args.offline, archive=args.archive)
-        print(f"LFW: {summary.identities} identities, {summary.images} images in {summary.train_dir}")
-        return 0
-    if args.command == "prepare":
-        from facecls.faces.prepare import prepare_folder
-
-        summary = prepare_folder(
-            args.raw_dir,
-            args.out_dir,
-            size=args.size,
-            margin=args.margin,
-            pick=args.pick,
-            fallback_center_crop=args.center_crop_fallback,
-            detector=args.detector,
-            workers=args.workers,
-        )
-        print(
-            f"{summary.total} images: {summary.aligned} aligned, {summary.no_face} without a face, "
-            f"{summary.center_crop} centre-cropped, {summary.unreadable} unreadable, "
-            f"{summary.done_before} done before ({summary.seconds:.1f} s); report: {summary.report_path}"
-        )
-        return 0
-    if args.command == "models":
-        from facecls.models.registry import get_entry, list_models
-
-        for name in list_models():
-            entry = get_entry(name)
-            print(f"{name:22s} weights: {', '.join(['none', *entry.weights])}  ({entry.description})")
-        return 0
-    raise AssertionError(args.command)
+    return COMMANDS[args.command](args, argv)
 
 
 def _leave_process_group() -> None:
@@ -301,11 +346,11 @@ def _leave_process_group() -> None:
 
 def _exit_without_teardown(code: int) -> None:
     """Under torchrun, once the command is done and the process group is left: end the process without
-    the interpreter's teardown. Twice in this project's CI-sized test runs (2 CPU processes, gloo) a rank
-    that had finished and written everything aborted there ("terminate called without an active
-    exception": a C++ thread still joinable when its owner was destroyed), and torchrun then reported the
-    finished run as failed (exit 1, SIGABRT). Nothing is left to do at this point: every file the command
-    wrote is closed; only the standard streams need flushing."""
+    the interpreter's teardown. That teardown can abort a rank that finished and wrote everything
+    ("terminate called without an active exception": a C++ thread of the gloo backend still joinable when
+    its owner is destroyed), and torchrun then reports the finished run as failed (SIGABRT). Nothing is
+    left to do at this point: every file the command wrote is closed; only the standard streams need
+    flushing."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

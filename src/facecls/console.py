@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import sys
+from typing import Literal
 
 from rich.console import Console as RichConsole
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 
 
-class _Bar:
-    def __init__(self, progress: Progress | None, task):
+class ProgressBar:
+    """One progress bar on stderr (see ``progress_bar``); every method does nothing when it is not shown."""
+
+    def __init__(self, progress: Progress | None, task: TaskID | None):
         self.progress, self.task = progress, task
 
     def update(self, completed: int, info: str = "") -> None:
@@ -32,6 +38,38 @@ class _Bar:
             self.progress.stop()
             self.progress = None
 
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def progress_bar(
+    description: str,
+    total: int | None,
+    completed: int = 0,
+    *,
+    enabled: bool = True,
+    unit: Literal["items", "bytes"] = "items",
+    console: RichConsole | None = None,
+) -> ProgressBar:
+    """The progress bar every command shows: on stderr, only when ``enabled`` and stderr is a terminal (a
+    log file gets no bar), gone when closed. ``unit="bytes"`` shows sizes and transfer speed."""
+    console = console or RichConsole(stderr=True)
+    if not (enabled and console.is_terminal):
+        return ProgressBar(None, None)
+    if unit == "bytes":
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeRemainingColumn())
+    else:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+    progress = Progress(*columns, console=console, transient=True)
+    task = progress.add_task(description, total=total, completed=completed, info="")
+    progress.start()
+    return ProgressBar(progress, task)
+
 
 class Console:
     """Rich console on stderr for logs/progress; results go to stdout via ``print_result``."""
@@ -40,7 +78,6 @@ class Console:
         self.enabled = enabled
         self.show_progress = progress and enabled
         self.err = RichConsole(stderr=True, highlight=False, soft_wrap=True)
-        self.out = RichConsole(highlight=False, soft_wrap=True)
 
     def log(self, message: str) -> None:
         if self.enabled:
@@ -55,20 +92,5 @@ class Console:
             sys.stdout.write(text if text.endswith("\n") else text + "\n")
             sys.stdout.flush()
 
-    def progress(self, description: str, total: int, completed: int = 0) -> _Bar:
-        if not self.show_progress or not self.err.is_terminal:
-            return _Bar(None, None)
-        progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
-            console=self.err,
-            transient=True,
-        )
-        task = progress.add_task(description, total=total, completed=completed, info="")
-        progress.start()
-        return _Bar(progress, task)
+    def progress(self, description: str, total: int, completed: int = 0) -> ProgressBar:
+        return progress_bar(description, total, completed, enabled=self.show_progress, console=self.err)

@@ -41,11 +41,6 @@ def init_distributed(device: str | None = None) -> DistEnv:
     return DistEnv(rank, world_size, local_rank)
 
 
-def shutdown(env: DistEnv) -> None:
-    if env.enabled and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def barrier(env: DistEnv) -> None:
     if env.enabled:
         dist.barrier()

@@ -8,17 +8,16 @@ its `.part` file; nothing appears at the destination until it is complete and ve
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import os
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from facecls import __version__
+from facecls.console import progress_bar
 from facecls.errors import FaceclsError
 
 OFFLINE_ENV = "FACECLS_OFFLINE"
@@ -194,12 +193,12 @@ def _fetch(url: str, part: Path, *, progress: bool, timeout: float) -> None:
         written = offset
         with (
             open(part, "ab" if resumed else "wb") as f,
-            _progress_bar(part.stem, total, offset, progress) as bar,
+            progress_bar(part.stem, total, offset, enabled=progress, unit="bytes") as bar,
         ):
             while chunk := response.read(_CHUNK):
                 f.write(chunk)
                 written += len(chunk)
-                bar(len(chunk))
+                bar.advance(len(chunk))
             f.flush()
             os.fsync(f.fileno())
     if total is not None and written != total:
@@ -210,38 +209,6 @@ def _range_start(content_range: str | None) -> int | None:
     """First byte of a `Content-Range: bytes START-END/TOTAL` header."""
     match = re.match(r"bytes\s+(\d+)-", content_range or "")
     return int(match.group(1)) if match else None
-
-
-@contextlib.contextmanager
-def _progress_bar(
-    name: str, total: int | None, completed: int, enabled: bool
-) -> Iterator[Callable[[int], None]]:
-    """Yield `advance(n_bytes)` for a rich download bar on stderr; silent when disabled or not a terminal."""
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    if not (enabled and console.is_terminal):
-        yield lambda n: None
-        return
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task(name, total=total, completed=completed)
-        yield lambda n: bar.advance(task, n)
 
 
 def _network_message(url: str, dest: Path, part: Path, sha256: str | None, err: BaseException) -> str:

@@ -17,7 +17,7 @@ from facecls.console import Console
 from facecls.data.pipeline import build_datasets, eval_loader
 from facecls.data.split import read_manifest
 from facecls.data.transforms import Normalize
-from facecls.distributed import DistEnv, init_distributed
+from facecls.distributed import DistEnv
 from facecls.engine import evaluate
 from facecls.errors import FaceclsError
 from facecls.models.registry import FaceClassifier, create_model
@@ -58,8 +58,6 @@ def load_run(run: Path, checkpoint: str = "best", device: str | None = None, loc
         raise FaceclsError(f"checkpoint {ckpt_path} holds a {state['model_name']}, the run is a {recipe.model.name}")
     preprocess = Preprocess.from_dict(info["preprocess"])
     runtime = resolve_runtime(recipe.speed, device, local_rank)
-    if runtime.device == "cpu":
-        torch.set_num_threads(runtime.threads)
     model = create_model(recipe.model.name, len(class_names), recipe.model.head)
     load_model_state(model, state["model"], ckpt_path)
     memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
@@ -78,8 +76,10 @@ def evaluate_run(
     console: Console | None = None,
     quiet: bool = False,
 ) -> dict:
-    """Top-1, top-5, loss, count (+ per-class accuracy CSV); writes ``RUN/eval_<split>.json``."""
-    env = env or init_distributed()
+    """Top-1, top-5, loss, count (+ per-class accuracy CSV); writes ``RUN/eval_<split>.json``.
+
+    ``env``: the process group the caller joined (default: this process alone)."""
+    env = env or DistEnv()
     console = console or Console(enabled=env.is_main)
     loaded = load_run(run, checkpoint, local_rank=env.local_rank)
     rows = read_manifest(Path(run) / "split.csv")

@@ -16,7 +16,7 @@ from facecls.data.datasets import ImageFiles, shard
 from facecls.data.images import UnreadableImage, check_decodes
 from facecls.data.pipeline import loader_kwargs
 from facecls.data.scan import list_flat_images
-from facecls.distributed import broadcast_object, gather_objects, init_distributed
+from facecls.distributed import DistEnv, broadcast_object, gather_objects
 from facecls.errors import FaceclsError
 from facecls.evaluation import load_run
 from facecls.speed import CompiledInference, Runtime, fold_batchnorm, use_compiled_inference
@@ -126,10 +126,12 @@ def predict_folder(
     batch_size: int = 128,
     compile_inference: bool | None = None,
     progress: bool = True,
+    env: DistEnv | None = None,
 ) -> PredictSummary:
     """One row per image (``image_name,label``), sorted by name. Rows stream to the file, so memory
-    does not grow with the folder. Unreadable images fail the run up front unless skipped."""
-    env = init_distributed()
+    does not grow with the folder. Unreadable images fail the run up front unless skipped.
+    ``env``: the process group the caller joined (default: this process alone)."""
+    env = env or DistEnv()
     console = Console(enabled=env.is_main, progress=progress)
     loaded = load_run(run, checkpoint, local_rank=env.local_rank)
     paths, _ = list_flat_images(images)

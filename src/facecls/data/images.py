@@ -34,8 +34,7 @@ def open_rgb(path: Path | str, min_size: int | None = None) -> Image.Image:
                 if min_size is not None and img.format == "JPEG":
                     img.draft("RGB", (min_size, min_size))  # must come before load() to take effect
                 img.load()
-                img = ImageOps.exif_transpose(img)
-                return _to_rgb(img)
+                return to_rgb(img)
     except Exception as exc:  # noqa: BLE001 - decoders of corrupt files raise anything (EOFError, struct.error, ...)
         raise UnreadableImage(f"{type(exc).__name__}: {exc}") from None
 
@@ -46,8 +45,14 @@ def check_decodes(path: Path | str) -> None:
     open_rgb(path, min_size=1)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Upright RGB version of a decoded Pillow image of any mode: the one conversion every reader uses
+    (training, evaluation, ``prepare``, ``predict --detect``), so one file gives the same pixels everywhere.
+
+    Transparent pixels go onto black; 16-bit greyscale is scaled by 65535 (its full range, so a dark
+    16-bit image stays dark); plain 32-bit integers by 65535 when they exceed 255; floats are clipped."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.float64)
         # I;16 is 16-bit by definition (a dark 16-bit image must stay dark); plain I holds any integers.
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
@@ -118,7 +123,8 @@ class DecodedCache:
 
     @staticmethod
     def key(paths: list[Path], size: int) -> str:
-        digest = hashlib.sha256(f"v2 {size}\n".encode())  # v2: JPEGs decoded at a reduced scale
+        # The decoder's version: change it whenever decoding gives other pixels, so no cache outlives them.
+        digest = hashlib.sha256(f"v2 {size}\n".encode())
         for path in paths:
             st = os.stat(path)
             entry = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\n"

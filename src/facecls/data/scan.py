@@ -29,7 +29,7 @@ class SkippedFile:
 
 
 def is_hidden(name: str) -> bool:
-    """Hidden files and macOS resource forks (.DS_Store, ._IMG_1.jpg)."""
+    """Dot files and folders: hidden files, macOS resource forks (.DS_Store, ._IMG_1.jpg), .git."""
     return name.startswith(".")
 
 

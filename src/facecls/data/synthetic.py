@@ -23,7 +23,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from facecls.console import progress_bar
+from facecls.data.images import open_rgb
 from facecls.errors import FaceclsError
 
 # Bump when the drawing changes, so cached datasets from an older generator are not reused.
@@ -595,6 +596,7 @@ def _write_dataset(root: Path, spec: SyntheticSpec, progress: bool) -> None:
     test_numbers = np.random.default_rng([spec.seed, 2]).permutation(total_test)
     width = max(6, len(str(total_test - 1)))
     solution: list[tuple[str, str]] = []
+    bar = progress_bar("synthetic faces (identities)", spec.identities, enabled=progress)
     for identity in range(spec.identities):
         name = identity_name(identity)
         face = _identity(spec, identity)
@@ -613,15 +615,8 @@ def _write_dataset(root: Path, spec: SyntheticSpec, progress: bool) -> None:
                 path = test_dir / f"{number:0{width}d}.jpg"
                 solution.append((path.name, name))
             _save_jpeg(picture, path, nuisance.jpeg_quality)
-        if progress:
-            print(
-                f"\rsynthetic faces: {identity + 1}/{spec.identities} identities",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
-    if progress:
-        print(file=sys.stderr)
+        bar.advance()
+    bar.close()
     with open(root / SOLUTION_FILE, "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["image_name", "label"])
@@ -680,11 +675,7 @@ def ensure_synthetic_faces(
 
 
 def _load_pixels(paths: list[Path]) -> np.ndarray:
-    def pixels(path: Path) -> np.ndarray:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.float32).reshape(-1)
-
-    return np.stack([pixels(p) for p in paths])
+    return np.stack([np.asarray(open_rgb(p), dtype=np.float32).reshape(-1) for p in paths])
 
 
 def linear_probe_accuracy(data_dir: Path, l2: float = 1e-5, max_iter: int = 100) -> float:

@@ -122,11 +122,6 @@ class ColorJitter(v2.ColorJitter):
         )
 
 
-def eval_transform() -> None:
-    """Evaluation images are only resized (at decode time); no random step at all."""
-    return None
-
-
 class Normalize(nn.Module):
     """uint8 NCHW batch -> float, scaled to [0, 1], minus mean, over std; optional channels_last."""
 

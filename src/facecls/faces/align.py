@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
+from facecls.data.images import to_rgb
 from facecls.errors import FaceclsError
 from facecls.faces.detect import PICKS, Pick, YuNetDetector, as_rgb_uint8, import_cv2, pick_face
 
@@ -102,21 +103,6 @@ class FaceReport:
     detail: str = ""  # e.g. why an image was unreadable
 
 
-def pil_to_rgb(image: Image.Image) -> np.ndarray:
-    """Upright (EXIF orientation applied) HxWx3 uint8 array from a Pillow image of any mode."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # 16-bit / float greyscale: convert("RGB") would clip, so rescale to 8 bits first
-        values = np.asarray(image, dtype=np.float64)
-        if image.mode.startswith("I;16"):
-            values = values / 257.0
-        elif values.max() > 255.0:
-            values = values * (255.0 / values.max())
-        values = np.clip(values, 0.0, 255.0)
-        return as_rgb_uint8(values.round().astype(np.uint8))
-    return np.asarray(image.convert("RGB"))
-
-
 class FaceAligner:
     """Detector + face choice + alignment for one image at a time (``prepare`` and ``predict --detect``).
 
@@ -156,7 +142,7 @@ class FaceAligner:
     def __call__(self, pil_image: Image.Image) -> tuple[np.ndarray | None, FaceReport]:
         """Aligned size x size x 3 uint8 crop (None when no face and no fallback) and what happened."""
         try:
-            image = pil_to_rgb(pil_image)
+            image = np.asarray(to_rgb(pil_image))
         except (OSError, ValueError, SyntaxError) as exc:  # truncated / corrupt pixel data
             return None, FaceReport("unreadable", detail=f"{type(exc).__name__}: {exc}")
         return self.align_array(image)

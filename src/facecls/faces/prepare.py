@@ -33,9 +33,13 @@ from typing import Any
 
 from PIL import Image
 
+from facecls.console import progress_bar
+from facecls.data.images import UnreadableImage, open_rgb
+from facecls.data.scan import is_hidden
 from facecls.errors import FaceclsError
 from facecls.faces.align import FaceAligner, FaceReport
 from facecls.faces.detect import Pick, find_yunet_onnx, import_cv2
+from facecls.machine import available_cpus
 
 REPORT_NAME = "prepare_report.csv"
 CONFIG_NAME = "prepare_config.json"
@@ -69,11 +73,6 @@ class PrepareSummary:
         return {**asdict(self), "report_path": str(self.report_path)}
 
 
-def is_hidden(name: str) -> bool:
-    """Dot files and folders (``.DS_Store``, macOS ``._*`` resource forks, ``.git``)."""
-    return name.startswith(".")
-
-
 def list_inputs(raw_dir: Path) -> list[Path]:
     """Every non-hidden file under ``raw_dir``, as sorted paths relative to it."""
     found = []
@@ -102,25 +101,13 @@ def _save_atomic(crop: Any, path: Path) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def read_image(path: Path) -> Image.Image:
-    """Open and fully decode an image (raises on zero-byte, truncated or non-image files)."""
-    image = Image.open(path)
-    try:
-        image.load()
-    except BaseException:
-        image.close()
-        raise
-    return image
-
-
 def _process(aligner: FaceAligner, raw_dir: Path, out_dir: Path, relative: Path) -> dict[str, str]:
     try:
-        image = read_image(raw_dir / relative)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        crop, report = None, FaceReport("unreadable", detail=f"{type(exc).__name__}: {exc}".strip())
+        image = open_rgb(raw_dir / relative)
+    except UnreadableImage as exc:
+        crop, report = None, FaceReport("unreadable", detail=str(exc).strip())
     else:
-        with image:
-            crop, report = aligner(image)
+        crop, report = aligner(image)
     written = ""
     if crop is not None:
         target = output_path(relative)
@@ -156,8 +143,7 @@ def _work(chunk: list[Path]) -> list[dict[str, str]]:
 
 
 def _default_workers() -> int:
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(available, 8))
+    return max(1, min(available_cpus(), 8))
 
 
 def _check_dirs(raw_dir: Path, out_dir: Path) -> tuple[Path, Path]:
@@ -297,17 +283,10 @@ def prepare_folder(
     if len(pending) < 8:
         workers = 1  # starting processes costs more than a handful of images
     results = _run(pending, aligner, aligner_options, raw_dir, out_dir, workers)
-    if progress and pending:
-        from rich.console import Console
-        from rich.progress import Progress
-
-        with Progress(console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task(f"aligning faces ({workers} workers)", total=len(pending))
-            for row in results:
-                rows.append(row)
-                bar.advance(task)
-    else:
-        rows.extend(results)
+    with progress_bar(f"aligning faces ({workers} workers)", len(pending), enabled=progress and bool(pending)) as bar:
+        for row in results:
+            rows.append(row)
+            bar.advance()
     _write_report(report_path, rows)
 
     counts = Counter(row["status"] for row in rows)

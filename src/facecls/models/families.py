@@ -2,29 +2,26 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from torch import nn
 from torchvision import models as tvm
 
+from facecls.download import hash_prefix_from_name
 from facecls.models.registry import register_model
 from facecls.models.weights import WeightSpec
-
-_HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")
 
 
 def torchvision_weights(enum_member, name: str) -> WeightSpec:
     """Our metadata for one of torchvision's weight enums, read from the enum itself."""
     file_name = enum_member.url.rsplit("/", 1)[-1]
     transforms = enum_member.transforms()
-    match = _HASH_IN_NAME.search(file_name)
     return WeightSpec(
         name=name,
         file_name=file_name,
         url=enum_member.url,
         sha256=None,
-        hash_prefix=match.group(1) if match else None,
+        hash_prefix=hash_prefix_from_name(file_name),
         input_size=int(transforms.crop_size[0]),
         mean=tuple(transforms.mean),
         std=tuple(transforms.std),

