@@ -203,12 +203,14 @@ class Thumbnails:
         image.save(buffer, format="JPEG", quality=self.quality, optimize=True)
         return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
-    def img(self, path: Path, alt: str, title: str = "") -> str:
+    def img(self, path: Path, alt: str, title: str = "", small: bool = False) -> str:
         uri = self.uri(path)
+        kind = ' class="small"' if small else ""
         if uri is None:
-            return f'<span class="noimg" title="{esc(path)}">no image</span>'
+            return f'<span class="noimg"{kind} title="{esc(path)}">no image</span>'
         tip = f' title="{esc(title)}"' if title else ""
-        return f'<img src="{uri}" alt="{esc(alt)}"{tip} width="{self.size}" height="{self.size}">'
+        side = self.size // 2 if small else self.size
+        return f'<img src="{uri}"{kind} alt="{esc(alt)}"{tip} width="{side}" height="{side}">'
 
 
 def svg_of(fig, salt: str) -> str:
@@ -257,9 +259,7 @@ def reliability_svg(cal: dict, salt: str) -> str:
     edges, count = cal["edges"], cal["count"]
     centers, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
     used = count > 0
-    fig, (ax, hist) = plt.subplots(
-        2, 1, figsize=(4.6, 4.8), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
-    )
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.6, 4.8), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], "--", color="#9aa5b1", label="perfectly calibrated")
     ax.bar(centers[used], cal["accuracy"][used], width=width, color="#3b82f6", edgecolor="white", label="accuracy")
     ax.bar(
@@ -289,14 +289,18 @@ def reliability_svg(cal: dict, salt: str) -> str:
 # ---- page sections ---------------------------------------------------------------------------------
 
 
-def _table(headers: list[str], rows: list[list[str]], table_id: str = "", numeric: tuple[int, ...] = ()) -> str:
-    """A table from already-escaped cells; columns in ``numeric`` are right-aligned."""
-    head = "".join(f'<th{" class=num" if i in numeric else ""}>{h}</th>' for i, h in enumerate(headers))
+def _table(
+    headers: list[str], rows: list[list[str]], table_id: str = "", numeric: tuple[int, ...] = (), narrow: bool = False
+) -> str:
+    """A table from already-escaped cells; columns in ``numeric`` are right-aligned; ``narrow``: as wide as
+    its content instead of the whole section."""
+    head = "".join(f"<th{' class=num' if i in numeric else ''}>{h}</th>" for i, h in enumerate(headers))
     body = "\n".join(
-        "<tr>" + "".join(f'<td{" class=num" if i in numeric else ""}>{c}</td>' for i, c in enumerate(r)) + "</tr>"
+        "<tr>" + "".join(f"<td{' class=num' if i in numeric else ''}>{c}</td>" for i, c in enumerate(r)) + "</tr>"
         for r in rows
     )
     ident = f' id="{table_id}"' if table_id else ""
+    ident += ' class="narrow"' if narrow else ""
     return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>"
 
 
@@ -331,8 +335,10 @@ def section_run_info(r: RunData, rid: str) -> str:
     if checkpoint == "best" and not ckpt_path.is_file():
         ckpt_path = r.path / "last.ckpt"
     ckpt = (
-        Markup(f"{_code(ckpt_path.name)} epoch {esc(r.evaluation.get('epoch', '?'))}, SHA-256 "
-               f"{_code(sha256_file(ckpt_path))}")
+        Markup(
+            f"{_code(ckpt_path.name)} epoch {esc(r.evaluation.get('epoch', '?'))}, SHA-256 "
+            f"{_code(sha256_file(ckpt_path))}"
+        )
         if ckpt_path.is_file()
         else "not in the run folder"
     )
@@ -345,9 +351,7 @@ def section_run_info(r: RunData, rid: str) -> str:
     else:
         pretrained = weights.get("name", "-") + (" (random initialisation)" if weights.get("name") == "none" else "")
     env = info.get("environment", {})
-    versions = ", ".join(
-        f"{k} {env[k]}" for k in ("facecls", "python", "torch", "torchvision", "numpy") if env.get(k)
-    )
+    versions = ", ".join(f"{k} {env[k]}" for k in ("facecls", "python", "torch", "torchvision", "numpy") if env.get(k))
     speed = ", ".join(f"{k}={v}" for k, v in info.get("speed", {}).items())
     command = " ".join(str(a) for a in env.get("command", []))
     general = _kv_table(
@@ -356,10 +360,20 @@ def section_run_info(r: RunData, rid: str) -> str:
             ("model", info.get("model")),
             ("identities", info.get("num_classes")),
             ("data folder", _code(r.data_dir)),
-            ("input", f"{pre.get('input_size')} px (resized to {pre.get('resize')}), mean {pre.get('mean')}, "
-                      f"std {pre.get('std')}" if pre else None),
-            ("batch", f"{batch.get('global')} = {batch.get('processes')} process(es) x {batch.get('per_process')} "
-                      f"x {batch.get('grad_accum')} accumulation" if batch else None),
+            (
+                "input",
+                f"{pre.get('input_size')} px (resized to {pre.get('resize')}), mean {pre.get('mean')}, "
+                f"std {pre.get('std')}"
+                if pre
+                else None,
+            ),
+            (
+                "batch",
+                f"{batch.get('global')} = {batch.get('processes')} process(es) x {batch.get('per_process')} "
+                f"x {batch.get('grad_accum')} accumulation"
+                if batch
+                else None,
+            ),
             ("seeds", f"training {info.get('seed')}, split {info.get('split_seed')}"),
             ("split manifest SHA-256", _code(info.get("manifest_sha256", "-"))),
             ("pretrained weights", pretrained),
@@ -421,20 +435,23 @@ def _identity_rows(per_class: list[dict[str, str]]) -> list[dict[str, str]]:
     return sorted(per_class, key=lambda c: (float(c["accuracy"]), -int(c["count"]), c["identity"]))
 
 
-def section_identities(r: RunData, rid: str) -> str:
+def section_identities(r: RunData, rid: str, thumbs: Thumbnails) -> str:
     rows = _identity_rows(r.per_class)
     if not rows:
         return ""
 
-    def cells(c: dict[str, str], bar: bool) -> list[str]:
-        acc = float(c["accuracy"])
-        text = f"{100 * acc:.2f}%"
-        if bar:
-            text = f'<span class="bar"><i style="width:{100 * acc:.0f}%"></i></span>{text}'
-        return [esc(c["identity"]), esc(c["count"]), esc(c["correct"]), text]
+    def cells(c: dict[str, str]) -> list[str]:
+        return [esc(c["identity"]), esc(c["count"]), esc(c["correct"]), f"{100 * float(c['accuracy']):.2f}%"]
+
+    def worst_cells(c: dict[str, str]) -> list[str]:
+        name, count, correct, accuracy = cells(c)
+        bar = f'<span class="bar"><i style="width:{100 * float(c["accuracy"]):.0f}%"></i></span>'
+        return [name, count, correct, bar + accuracy, _example(r, c["identity"], thumbs, small=True)]
 
     headers = ["identity", "images", "correct", "accuracy"]
-    worst = _table(headers, [cells(c, True) for c in rows[:WORST_ROWS]], f"{rid}-worst", numeric=(1, 2, 3))
+    worst = _table(
+        [*headers, "example"], [worst_cells(c) for c in rows[:WORST_ROWS]], f"{rid}-worst", (1, 2, 3), narrow=True
+    )
     perfect = sum(float(c["accuracy"]) == 1.0 for c in rows)
     text = (
         f"<p class=muted>{len(rows):,} identities in the {esc(r.split)} split, worst first; "
@@ -445,7 +462,7 @@ def section_identities(r: RunData, rid: str) -> str:
         full = (
             f"<details><summary>all {len(rows):,} identities</summary>"
             f'<input class="filter" type="search" placeholder="filter identities" data-table="{rid}-all">'
-            + _table(headers, [cells(c, False) for c in rows], f"{rid}-all", numeric=(1, 2, 3))
+            + _table(headers, [cells(c) for c in rows], f"{rid}-all", (1, 2, 3), narrow=True)
             + "</details>"
         )
     return f'<section id="{rid}-identities"><h3>Per-identity accuracy</h3>{text}{worst}{full}</section>'
@@ -476,11 +493,12 @@ def section_confused(r: RunData, rid: str, thumbs: Thumbnails) -> str:
     )
 
 
-def _example(r: RunData, identity: str, thumbs: Thumbnails) -> str:
+def _example(r: RunData, identity: str, thumbs: Thumbnails, small: bool = False) -> str:
+    """A thumbnail of one image of ``identity`` (``small``: shown at half size in table rows)."""
     example = r.examples.get(identity)
     if example is None:
         return '<span class="noimg">no example</span>'
-    return thumbs.img(r.data_dir / example, identity, f"{identity}: {example}")
+    return thumbs.img(r.data_dir / example, identity, f"{identity}: {example}", small)
 
 
 def section_errors(r: RunData, rid: str, thumbs: Thumbnails, max_errors: int) -> str:
@@ -491,7 +509,7 @@ def section_errors(r: RunData, rid: str, thumbs: Thumbnails, max_errors: int) ->
     for p in errors[:max_errors]:
         cards.append(
             '<div class="err"><div class="imgs">'
-            f'<figure>{thumbs.img(r.data_dir / p.path, p.path, p.path)}<figcaption>image</figcaption></figure>'
+            f"<figure>{thumbs.img(r.data_dir / p.path, p.path, p.path)}<figcaption>image</figcaption></figure>"
             f"<figure>{_example(r, p.predicted, thumbs)}<figcaption>predicted</figcaption></figure>"
             f"<figure>{_example(r, p.identity, thumbs)}<figcaption>true</figcaption></figure></div>"
             f'<div class="path" title="{esc(p.path)}">{esc(p.path)}</div>'
@@ -503,7 +521,7 @@ def section_errors(r: RunData, rid: str, thumbs: Thumbnails, max_errors: int) ->
         f'<section id="{rid}-errors"><h3>Error gallery</h3><p class=muted>{shown:,} of {len(errors):,} '
         f"misclassified images, most confident mistakes first (--max-errors {max_errors}); beside each, a training "
         f'image of the predicted and of the true identity, with their probabilities.</p><div class="gallery">'
-        f'{"".join(cards)}</div></section>'
+        f"{''.join(cards)}</div></section>"
     )
 
 
@@ -535,8 +553,10 @@ def section_open_set(r: RunData, rid: str) -> str:
     found = r.evaluation.get("open_set") or r.info.get("open_set")
     if not isinstance(found, dict):
         return ""
-    pairs = [(k, f"{v:.4g}" if isinstance(v, float) else json.dumps(v) if isinstance(v, (list, dict)) else v)
-             for k, v in found.items()]
+    pairs = [
+        (k, f"{v:.4g}" if isinstance(v, float) else json.dumps(v) if isinstance(v, (list, dict)) else v)
+        for k, v in found.items()
+    ]
     table = _kv_table(pairs, f"{rid}-openset-table")
     return f'<section id="{rid}-openset"><h3>Open-set threshold</h3>{table}</section>'
 
@@ -547,8 +567,12 @@ def _reason_summary(items: list[tuple[str, str]], table_id: str) -> str:
     for file, reason in items:
         by_reason[reason.split(":", 1)[0]].append(file)
     rows = [
-        [esc(reason), str(len(files)), ", ".join(_code(f) for f in files[:EXAMPLES_PER_REASON])
-         + (" ..." if len(files) > EXAMPLES_PER_REASON else "")]
+        [
+            esc(reason),
+            str(len(files)),
+            ", ".join(_code(f) for f in files[:EXAMPLES_PER_REASON])
+            + (" ..." if len(files) > EXAMPLES_PER_REASON else ""),
+        ]
         for reason, files in sorted(by_reason.items(), key=lambda kv: (-len(kv[1]), kv[0]))
     ]
     return _table(["reason", "files", "examples"], rows, table_id, numeric=(1,))
@@ -634,6 +658,9 @@ table{border-collapse:collapse;width:100%;margin:6px 0}
 th,td{padding:4px 8px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
 thead th{background:#f9fafb;font-weight:600;position:sticky;top:0}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+table.narrow{width:auto;min-width:520px}
+table.narrow td{vertical-align:middle}
+table.narrow td,table.narrow th{padding:3px 14px}
 table.kv th{width:210px;color:var(--muted);font-weight:500}
 code{font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;word-break:break-all}
 pre{font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;background:#f9fafb;padding:10px;overflow:auto}
@@ -651,6 +678,8 @@ summary{cursor:pointer;color:var(--accent)}
 .bar i{display:block;height:100%;background:var(--accent)}
 .imgs{display:flex;gap:4px}
 .imgs img,.noimg{width:${thumb}px;height:${thumb}px;border-radius:4px;background:#e5e7eb;object-fit:cover}
+img.small,.noimg.small{width:${half}px;height:${half}px;vertical-align:middle;border-radius:3px}
+td img.small{display:block}
 .noimg{display:inline-flex;align-items:center;justify-content:center;font-size:11px;color:var(--muted)}
 figure{margin:0;text-align:center}
 figcaption{font-size:11px;color:var(--muted)}
@@ -695,7 +724,7 @@ def run_section(r: RunData, rid: str, thumbs: Thumbnails, max_errors: int) -> st
         section_summary(r, rid, cal),
         section_run_info(r, rid),
         section_curves(r, rid),
-        section_identities(r, rid),
+        section_identities(r, rid, thumbs),
         section_confused(r, rid, thumbs),
         section_errors(r, rid, thumbs, max_errors),
         section_calibration(r, rid, cal),
@@ -755,7 +784,12 @@ def write_report(
     generated = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     subtitle = f"{len(data)} run(s); {', '.join(f'{r.path.name}: {r.split} split' for r in data)}; written {generated}"
     page = PAGE.substitute(
-        title=esc(title), subtitle=esc(subtitle), nav=" ".join(links), body="\n".join(body), thumb=THUMB_PX
+        title=esc(title),
+        subtitle=esc(subtitle),
+        nav=" ".join(links),
+        body="\n".join(body),
+        thumb=THUMB_PX,
+        half=THUMB_PX // 2,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     runs.write_text_atomic(out, page)
