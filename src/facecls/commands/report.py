@@ -294,13 +294,17 @@ def _table(
 ) -> str:
     """A table from already-escaped cells; columns in ``numeric`` are right-aligned; ``narrow``: as wide as
     its content instead of the whole section."""
+    classes = ["narrow"] if narrow else []
+    if numeric and numeric == tuple(range(1, len(headers))):
+        classes.append("rest-num")  # one class on the table instead of one per cell: 7,000-row tables stay small
+        numeric = ()
     head = "".join(f"<th{' class=num' if i in numeric else ''}>{h}</th>" for i, h in enumerate(headers))
     body = "\n".join(
         "<tr>" + "".join(f"<td{' class=num' if i in numeric else ''}>{c}</td>" for i, c in enumerate(r)) + "</tr>"
         for r in rows
     )
     ident = f' id="{table_id}"' if table_id else ""
-    ident += ' class="narrow"' if narrow else ""
+    ident += f' class="{" ".join(classes)}"' if classes else ""
     return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>"
 
 
@@ -374,8 +378,8 @@ def section_run_info(r: RunData, rid: str) -> str:
                 if batch
                 else None,
             ),
-            ("seeds", f"training {info.get('seed')}, split {info.get('split_seed')}"),
-            ("split manifest SHA-256", _code(info.get("manifest_sha256", "-"))),
+            ("seeds", f"training {info['seed']}, split {info.get('split_seed')}" if "seed" in info else None),
+            ("split manifest SHA-256", _code(info["manifest_sha256"]) if "manifest_sha256" in info else None),
             ("pretrained weights", pretrained),
             ("evaluated checkpoint", ckpt),
             ("speed settings", speed),
@@ -657,7 +661,8 @@ section{background:var(--card);border:1px solid var(--line);border-radius:8px;pa
 table{border-collapse:collapse;width:100%;margin:6px 0}
 th,td{padding:4px 8px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
 thead th{background:#f9fafb;font-weight:600;position:sticky;top:0}
-td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.num,th.num,table.rest-num td+td,table.rest-num th+th{
+text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 table.narrow{width:auto;min-width:520px}
 table.narrow td{vertical-align:middle}
 table.narrow td,table.narrow th{padding:3px 14px}
