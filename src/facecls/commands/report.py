@@ -20,6 +20,7 @@ import html
 import io
 import json
 import math
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,6 +225,7 @@ def svg_of(fig, salt: str) -> str:
         fig.savefig(buffer, format="svg", metadata={"Date": None})
     plt.close(fig)
     text = buffer.getvalue()
+    text = re.sub(r"\s*<metadata>.*?</metadata>", "", text, flags=re.S)  # RDF boilerplate, no use on a page
     return text[text.index("<svg") :].strip()
 
 
