@@ -169,7 +169,10 @@ def curves_figure(rows: list[dict]):
     axes[2].set_title("learning rate")
     for ax in axes:
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        if len(epochs) <= 12:
+            ax.set_xticks(epochs)
+        else:
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend()
     axes[1].legend()

@@ -31,7 +31,7 @@ IDENTITIES = 20
 
 @pytest.fixture(scope="module")
 def orl_run(faces_data, tmp_path_factory) -> Path:
-    """MobileNetV2 from scratch at 64 px, one short epoch on 20 ORL identities: a real run with many errors.
+    """MobileNetV2 from scratch at 64 px, two short epochs on 20 ORL identities: a real run with many errors.
     The data folder also holds a stray text file (a skipped file) and a prepare report."""
     root = tmp_path_factory.mktemp("orl_report")
     data = root / "data"
@@ -54,10 +54,10 @@ def orl_run(faces_data, tmp_path_factory) -> Path:
             "--set", "model.weights=none",
             "--set", "data.input_size=64",
             "--set", "data.resize=72",
-            "--set", "train.epochs=1",
+            "--set", "train.epochs=2",
             "--set", "train.frozen_epochs=0",
             "--set", "train.batch_size=16",
-            "--set", "train.max_steps_per_epoch=4",
+            "--set", "train.max_steps_per_epoch=3",
         ]
     )  # fmt: skip
     assert code == 0

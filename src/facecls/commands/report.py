@@ -784,16 +784,24 @@ def write_report(
             f'<p class="note">{len(thumbs.unreadable):,} images could not be read for thumbnails (first: '
             f"{esc(thumbs.unreadable[0])}).</p>",
         )
-    links = [f'<a href="#r{i}">{esc(r.path.name)}</a>' for i, r in enumerate(data)]
+    sections = [("summary", "results"), ("run", "run"), ("curves", "curves"), ("identities", "identities")]
+    sections += [("confused", "confused pairs"), ("errors", "errors"), ("calibration-section", "calibration")]
+    sections += [("data", "data")]
+    links = [
+        f'<div><a href="#r{i}"><b>{esc(r.path.name)}</b></a>: '
+        + " ".join(f'<a href="#r{i}-{anchor}">{label}</a>' for anchor, label in sections)
+        + "</div>"
+        for i, r in enumerate(data)
+    ]
     if len(run_dirs) > 1:
-        links.insert(0, '<a href="#comparison">comparison</a>')
+        links.insert(0, '<div><a href="#comparison"><b>comparison</b></a></div>')
     title = "facecls report: " + ", ".join(r.path.name for r in data)
     generated = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     subtitle = f"{len(data)} run(s); {', '.join(f'{r.path.name}: {r.split} split' for r in data)}; written {generated}"
     page = PAGE.substitute(
         title=esc(title),
         subtitle=esc(subtitle),
-        nav=" ".join(links),
+        nav="".join(links),
         body="\n".join(body),
         thumb=THUMB_PX,
         half=THUMB_PX // 2,
