@@ -181,6 +181,11 @@ class Thumbnails:
         self._cache: dict[Path, str | None] = {}
         self.unreadable: list[Path] = []
 
+    @property
+    def encoded(self) -> int:
+        """how many different images the page holds"""
+        return sum(uri is not None for uri in self._cache.values())
+
     def uri(self, path: Path) -> str | None:
         if path not in self._cache:
             self._cache[path] = self._encode(path)
@@ -809,5 +814,5 @@ def write_report(
     out.parent.mkdir(parents=True, exist_ok=True)
     runs.write_text_atomic(out, page)
     size = out.stat().st_size
-    console.log(f"report: {out} ({size / 1e6:.2f} MB, {len(thumbs._cache)} images)")
-    return ReportSummary(out, size, len(thumbs._cache), len(thumbs.unreadable))
+    console.log(f"report: {out} ({size / 1e6:.2f} MB, {thumbs.encoded} images)")
+    return ReportSummary(out, size, thumbs.encoded, len(thumbs.unreadable))
