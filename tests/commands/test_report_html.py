@@ -239,15 +239,20 @@ def test_calibration_error_of_known_bins():
     assert cal["count"].sum() == 6
 
 
-def test_page_for_many_identities_stays_small(tmp_path):
-    """The synthetic run of benchmarks/report_size.py at 600 identities: the per-identity table is collapsed
-    after the worst rows, images are capped by --max-errors, and the page is a few hundred KB."""
+def synthetic_run(workdir: Path, identities: int) -> Path:
+    """The synthetic run folder of benchmarks/report_size.py (real faces, made-up predictions)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         from report_size import make_synthetic_run
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    run = make_synthetic_run(tmp_path / "synthetic", identities=600)
+    return make_synthetic_run(workdir, identities=identities)
+
+
+def test_page_for_many_identities_stays_small(tmp_path):
+    """At 600 identities the per-identity table is collapsed after the worst rows, images are capped by
+    --max-errors, and the page is a few hundred KB."""
+    run = synthetic_run(tmp_path / "synthetic", 600)
     summary = write_report([run], tmp_path / "big.html", max_errors=50)
     page = Page(summary.path.read_text(encoding="utf-8"))
     assert len(page.tables["r0-worst"]) == WORST_ROWS
@@ -255,6 +260,23 @@ def test_page_for_many_identities_stays_small(tmp_path):
     assert page.keys["count"] == "1,200"
     assert len(page.images) <= WORST_ROWS + 2 * 20 + 3 * 50
     assert summary.bytes < 1_000_000
+
+
+def test_open_set_section_only_with_a_threshold_and_missing_images_noted(tmp_path):
+    run = synthetic_run(tmp_path / "synthetic", 30)
+    evaluation = json.loads((run / "eval_test.json").read_text())
+    plain = Page(write_report([run], tmp_path / "plain.html").path.read_text())
+    assert "r0-openset-table" not in plain.tables
+    evaluation["open_set"] = {"threshold": 0.4321, "far": 0.01, "open_set_accuracy": 0.875}
+    (run / "eval_test.json").write_text(json.dumps(evaluation))
+    shutil.rmtree(tmp_path / "synthetic" / "data")
+    summary = write_report([run], tmp_path / "open.html")
+    text = summary.path.read_text()
+    page = Page(text)
+    assert dict(page.tables["r0-openset-table"]) == {"threshold": "0.4321", "far": "0.01", "open_set_accuracy": "0.875"}
+    # without the data folder the page still builds; it says why there are no pictures
+    assert page.images == [] and summary.thumbnails == 0
+    assert "not found here: the images are left out of this page" in text
 
 
 # ---- headless Chromium through the DevTools protocol --------------------------------------------------
