@@ -296,6 +296,10 @@ def reliability_svg(cal: dict, salt: str) -> str:
 # ---- page sections ---------------------------------------------------------------------------------
 
 
+class Markup(str):
+    """Text that is already HTML."""
+
+
 def _table(
     headers: list[str], rows: list[list[str]], table_id: str = "", numeric: tuple[int, ...] = (), narrow: bool = False
 ) -> str:
@@ -320,10 +324,6 @@ def _kv_table(pairs: list[tuple[str, object]], table_id: str = "") -> str:
     ident = f' id="{table_id}"' if table_id else ""
     body = "\n".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
     return f'<table class="kv"{ident}><tbody>\n{body}\n</tbody></table>'
-
-
-class Markup(str):
-    """Text that is already HTML."""
 
 
 def _code(text: object) -> Markup:
@@ -657,9 +657,11 @@ header h1{margin:0;font-size:20px;font-weight:600}
 header p{margin:4px 0 0;color:#9ca3af}
 nav{max-width:1240px;margin:0 auto;padding:10px 32px 0;color:var(--muted)}
 nav a{margin-right:12px}
+nav b{display:inline-block;min-width:80px}
 main{max-width:1240px;margin:0 auto;padding:4px 32px 48px}
 a{color:var(--accent);text-decoration:none}
 h2{font-size:18px;margin:28px 0 8px}
+section h2{margin-top:0}
 h3{font-size:15px;margin:0 0 10px}
 h4{font-size:14px;margin:14px 0 6px}
 section{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:16px 20px;margin:14px 0}
@@ -793,7 +795,7 @@ def write_report(
     sections += [("confused", "confused pairs"), ("errors", "errors"), ("calibration-section", "calibration")]
     sections += [("data", "data")]
     links = [
-        f'<div><a href="#r{i}"><b>{esc(r.path.name)}</b></a>: '
+        f'<div><a href="#r{i}"><b>{esc(r.path.name)}</b></a> '
         + " ".join(f'<a href="#r{i}-{anchor}">{label}</a>' for anchor, label in sections)
         + "</div>"
         for i, r in enumerate(data)
