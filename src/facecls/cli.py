@@ -73,6 +73,12 @@ def _add_other(sub) -> None:
     p.add_argument("--kaggle", action="append", default=[], metavar="NAME=SCORE", help="Kaggle score in percent")
     p.add_argument("--out", type=Path, default=Path("comparison"), help="writes OUT.md and OUT.csv")
 
+    p = sub.add_parser("report", help="one self-contained HTML page about run folders (errors, confusions, curves)")
+    p.add_argument("runs", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, help="HTML file (default: RUN/report.html for one run, else report.html)")
+    p.add_argument("--split", choices=["val", "test"], help="default: test when the run has test results")
+    p.add_argument("--max-errors", type=int, default=200, help="misclassified images shown, worst first")
+
     p = sub.add_parser("demo", help="the whole job on a built-in synthetic face set (offline, a few minutes)")
     p.add_argument("--out", type=Path, default=Path("facecls-demo"), help="folder for data, runs and tables")
     p.add_argument("--recipes", nargs="+", default=["resnet50", "mobilenet_v2", "inception_resnet_v1"])
@@ -272,6 +278,13 @@ def cmd_compare(args, argv: list[str]) -> int:
     return 0
 
 
+def cmd_report(args, argv: list[str]) -> int:
+    from facecls.commands.report import write_report
+
+    write_report(args.runs, args.out, split=args.split, max_errors=args.max_errors)
+    return 0
+
+
 def cmd_demo(args, argv: list[str]) -> int:
     from facecls.demo import run_demo
 
@@ -324,6 +337,7 @@ COMMANDS = {
     "predict": cmd_predict,
     "score": cmd_score,
     "compare": cmd_compare,
+    "report": cmd_report,
     "demo": cmd_demo,
     "data": cmd_data,
     "prepare": cmd_prepare,

@@ -92,11 +92,16 @@ def best_index(rows: list[Row]) -> int | None:
     return max(range(len(rows)), key=lambda i: key(rows[i])) if rows else None
 
 
+def row_cells(row: Row) -> list[str]:
+    """The table's cells for one run, in the order of ``COLUMNS``."""
+    return [row.model, _fmt(row.val), _fmt(row.test), _fmt(row.kaggle)]
+
+
 def to_markdown(rows: list[Row]) -> str:
     best = best_index(rows)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("-" * (len(c) + 2) for c in COLUMNS) + "|"]
     for i, r in enumerate(rows):
-        cells = [r.model, _fmt(r.val), _fmt(r.test), _fmt(r.kaggle)]
+        cells = row_cells(r)
         if i == best:
             cells = [f"**{c}**" for c in cells]
         lines.append("| " + " | ".join(cells) + " |")

@@ -10,6 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
+from facecls.commands.report import write_report
 from facecls.compare import collect_rows, to_markdown, write_table
 from facecls.config import load_recipe
 from facecls.console import Console
@@ -115,12 +116,14 @@ def run_demo(
     rows = collect_rows(run_dirs)
     md, csv_path = write_table(rows, out / "comparison")
     console.print_result("\n" + to_markdown(rows))
+    report = write_report(run_dirs, out / "report.html", console=console).path
     minutes = (time.perf_counter() - started) / 60
     console.log(
         f"done in {minutes:.1f} min.\n"
         f"  run folders (checkpoints, metrics.csv, curves.png): {out / 'runs'}\n"
         f"  submissions: {out / 'submissions'}\n"
         f"  tables: {md}, {csv_path}\n"
+        f"  report (errors, confusions, curves; open it in a browser): {report}\n"
         "These numbers come from synthetic faces: they show that the pipeline works end to end, "
         "not how accurate a model is on real photos."
     )

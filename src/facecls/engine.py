@@ -110,6 +110,8 @@ class Predictions:
     labels: np.ndarray
     top5: np.ndarray
     losses: np.ndarray
+    top5_scores: np.ndarray
+    """softmax probabilities of the ``top5`` classes (0 where fewer than 5 classes pad ``top5``)"""
 
     def metrics(self, num_classes: int) -> dict:
         n = len(self.indices)
@@ -139,14 +141,24 @@ def evaluate(model: nn.Module, loader, runtime: Runtime, normalize: nn.Module, e
         losses = nn.functional.cross_entropy(logits, labels_dev, reduction="none")
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
+        scores = logits.softmax(dim=1).gather(1, top)
         if k < 5:
             top = torch.cat([top, top[:, :1].expand(-1, 5 - k)], dim=1)
-        parts.append((indices.numpy(), labels.numpy(), top.cpu().numpy(), losses.cpu().numpy()))
+            scores = torch.cat([scores, scores.new_zeros(len(scores), 5 - k)], dim=1)
+        parts.append(
+            (indices.numpy(), labels.numpy(), top.cpu().numpy(), losses.cpu().numpy(), scores.cpu().numpy())
+        )
     if parts:
         local = [np.concatenate(column) for column in zip(*parts, strict=True)]
     else:
-        local = [np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 5), np.int64), np.zeros(0, np.float32)]
+        local = [
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int64),
+            np.zeros((0, 5), np.int64),
+            np.zeros(0, np.float32),
+            np.zeros((0, 5), np.float32),
+        ]
     gathered = gather_objects(env, local)
-    arrays = [np.concatenate([g[j] for g in gathered]) for j in range(4)]
+    arrays = [np.concatenate([g[j] for g in gathered]) for j in range(len(local))]
     order = np.argsort(arrays[0], kind="stable")
     return Predictions(*(a[order] for a in arrays))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +78,8 @@ def evaluate_run(
     console: Console | None = None,
     quiet: bool = False,
 ) -> dict:
-    """Top-1, top-5, loss, count (+ per-class accuracy CSV); writes ``RUN/eval_<split>.json``.
+    """Top-1, top-5, loss, count; writes ``RUN/eval_<split>.json``, ``RUN/per_class_<split>.csv`` and
+    ``RUN/predictions_<split>.csv`` (per image: true identity, top-5 identities and probabilities).
 
     ``env``: the process group the caller joined (default: this process alone)."""
     env = env or DistEnv()
@@ -87,8 +90,9 @@ def evaluate_run(
         raise FaceclsError(f"run {run} has no '{split}' images in its split")
     from facecls.download import cache_dir
 
+    data_dir = Path(loaded.info["data_dir"])
     data = build_datasets(
-        Path(loaded.info["data_dir"]),
+        data_dir,
         rows,
         loaded.preprocess,
         loaded.recipe.data.augment,
@@ -115,6 +119,8 @@ def evaluate_run(
     }
     if env.is_main:
         _write_per_class(Path(run) / f"per_class_{split}.csv", preds, loaded.class_names)
+        relative = [Path(os.path.relpath(p, data_dir)).as_posix() for p in dataset.paths]
+        write_predictions(Path(run) / f"predictions_{split}.csv", preds, relative, loaded.class_names)
         runs.write_json(Path(run) / f"eval_{split}.json", result)
         if not quiet:
             console.print_result(
@@ -122,6 +128,29 @@ def evaluate_run(
                 f"loss {metrics['loss']:.4f}  ({metrics['count']} images)"
             )
     return result
+
+
+PREDICTION_COLUMNS = ["path", "identity", "correct", "true_score"] + [
+    f"{kind}_{k}" for k in range(1, 6) for kind in ("pred", "score")
+]
+
+
+def write_predictions(path: Path, preds, image_paths: list[str], class_names: list[str]) -> None:
+    """One row per evaluated image: its path (relative to the data folder), true identity, whether top-1
+    is right, the probability of the true identity, and the top-5 identities with their probabilities
+    (fewer when the run has fewer than 5 classes)."""
+    k = min(5, len(class_names))
+    true_scores = np.exp(-preds.losses.astype(np.float64))  # cross-entropy = -log p(true identity)
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(PREDICTION_COLUMNS)
+    for i, index in enumerate(preds.indices):
+        label = preds.labels[i]
+        row = [image_paths[index], class_names[label], int(preds.top5[i, 0] == label), f"{true_scores[i]:.6f}"]
+        for j in range(5):
+            row += [class_names[preds.top5[i, j]], f"{preds.top5_scores[i, j]:.6f}"] if j < k else ["", ""]
+        writer.writerow(row)
+    runs.write_text_atomic(path, buffer.getvalue(), errors="surrogateescape")
 
 
 def _write_per_class(path: Path, preds, class_names: list[str]) -> None:

@@ -5,7 +5,7 @@ RUN/
   split.csv          split manifest           classes.json   class names (index = position)
   metrics.csv        per-epoch metrics        curves.png     loss / accuracy / lr per epoch
   last.ckpt best.ckpt                         skipped_files.csv
-  eval_<split>.json  per_class_<split>.csv    (from evaluate)
+  eval_<split>.json  per_class_<split>.csv    predictions_<split>.csv   (from evaluate)
 """
 
 from __future__ import annotations
@@ -82,10 +82,11 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temp file and a rename, so a killed process never leaves half a file behind."""
+def write_text_atomic(path: Path, text: str, errors: str = "strict") -> None:
+    """Write via a temp file and a rename, so a killed process never leaves half a file behind.
+    ``errors="surrogateescape"`` writes file names that are not UTF-8 back as they were read."""
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8", errors=errors)
     os.replace(tmp, path)
 
 
@@ -142,15 +143,14 @@ def truncate_metrics(path: Path, epochs_done: int) -> None:
     os.replace(tmp, path)
 
 
-def plot_curves(metrics_csv: Path, out_png: Path) -> None:
-    """train/val loss and accuracy, and the learning rate, per epoch."""
-    rows = read_metrics(metrics_csv)
-    if not rows:
-        return
+def curves_figure(rows: list[dict]):
+    """train/val loss and accuracy, and the learning rate, per epoch (``metrics.csv`` rows): a matplotlib
+    figure, saved as ``curves.png`` by training and drawn as SVG by ``facecls report``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     epochs = [int(r["epoch"]) for r in rows]
 
@@ -169,9 +169,24 @@ def plot_curves(metrics_csv: Path, out_png: Path) -> None:
     axes[2].set_title("learning rate")
     for ax in axes:
         ax.set_xlabel("epoch")
+        if len(epochs) <= 12:
+            ax.set_xticks(epochs)
+        else:
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend()
     axes[1].legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(metrics_csv: Path, out_png: Path) -> None:
+    """train/val loss and accuracy, and the learning rate, per epoch."""
+    rows = read_metrics(metrics_csv)
+    if not rows:
+        return
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(rows)
     fig.savefig(out_png, dpi=90)
     plt.close(fig)

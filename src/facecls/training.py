@@ -472,6 +472,10 @@ class Trainer:
             runs.write_json(self.run / "run.json", {**info, "completed": True})
             text = ", ".join(f"{k} top-1 {100 * v['top1']:.2f}%" for k, v in results.items())
             self.console.log(f"done: best checkpoint {self.run / 'best.ckpt'}; {text}")
+            self.console.log(
+                f"errors, confusions and curves on one page: `facecls report {self.run}` "
+                f"(writes {self.run / 'report.html'})"
+            )
         return results
 
 

@@ -13,6 +13,7 @@ SGD, not Adam: Adam's first steps are ~lr * sign(gradient), which turns 1e-7 noi
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -227,8 +228,10 @@ def test_distributed_evaluate_equals_single_process(predictive_run, env):
     facecls(env, "evaluate", run, "--split", "val", "--batch-size", "2")
     one = json.loads((run / "eval_val.json").read_text())
     per_class = (run / "per_class_val.csv").read_bytes()
+    predictions = (run / "predictions_val.csv").read_text()
     (run / "eval_val.json").unlink()
     (run / "per_class_val.csv").unlink()
+    (run / "predictions_val.csv").unlink()
     facecls(env, "evaluate", run, "--split", "val", "--batch-size", "2", nproc=2)
     two = json.loads((run / "eval_val.json").read_text())
     for key in ("count", "top1", "top5", "epoch", "checkpoint"):
@@ -238,6 +241,16 @@ def test_distributed_evaluate_equals_single_process(predictive_run, env):
     # 1280 terms (MobileNetV2's features) summed in another order, and the mean adds `count` losses.
     assert two["loss"] == pytest.approx(one["loss"], rel=sum_rtol(1280 + one["count"]))
     assert (run / "per_class_val.csv").read_bytes() == per_class
+    # per-image rows in the same order with the same identities. Probabilities: written to 6 decimals, from
+    # logits that one and two processes (2 and 1 threads each) sum in another order: ~1e-6 apart like the
+    # mean loss above; 1e-5 leaves room for rounding across a 6th-decimal boundary on top
+    written = (run / "predictions_val.csv").read_text()
+    rows_one, rows_two = (list(csv.DictReader(io.StringIO(text))) for text in (predictions, written))
+    assert [(r["path"], r["identity"], r["pred_1"]) for r in rows_two] == [
+        (r["path"], r["identity"], r["pred_1"]) for r in rows_one
+    ]
+    for a, b in zip(rows_one, rows_two, strict=True):
+        assert float(b["score_1"]) == pytest.approx(float(a["score_1"]), abs=1e-5)
 
 
 def test_distributed_predict_equals_single_process(predictive_run, data, env, tmp_path):
