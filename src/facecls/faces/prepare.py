@@ -33,6 +33,8 @@ from typing import Any
 
 from PIL import Image
 
+from facecls.atomic import atomic_write
+from facecls.data.images import die_with_parent
 from facecls.errors import FaceclsError
 from facecls.faces.align import FaceAligner, FaceReport
 from facecls.faces.detect import Pick, find_yunet_onnx, import_cv2
@@ -74,14 +76,31 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def list_inputs(raw_dir: Path) -> list[Path]:
-    """Every non-hidden file under ``raw_dir``, as sorted paths relative to it."""
+def list_inputs(raw_dir: Path, skipped: list[Path] | None = None) -> list[Path]:
+    """Every non-hidden file under ``raw_dir``, as sorted paths relative to it.
+
+    Symlinked folders directly under ``raw_dir`` (identity folders kept elsewhere) are followed; a
+    symlinked folder deeper down is not (it could loop back) and is appended to ``skipped``."""
+    raw_dir = Path(raw_dir)
     found = []
-    for root, dirs, files in os.walk(raw_dir):
-        dirs[:] = sorted(d for d in dirs if not is_hidden(d))
-        for name in files:
-            if not is_hidden(name):
-                found.append((Path(root) / name).relative_to(raw_dir))
+    tops = [raw_dir]
+    while tops:
+        top = tops.pop()
+        for root, dirs, files in os.walk(top):
+            for d in list(dirs):
+                if not is_hidden(d) and os.path.islink(os.path.join(root, d)):
+                    dirs.remove(d)
+                    link = Path(root) / d
+                    if Path(root) == raw_dir:
+                        tops.append(link)
+                    elif skipped is not None:
+                        skipped.append(link.relative_to(raw_dir))
+            dirs[:] = sorted(d for d in dirs if not is_hidden(d))
+            for name in files:
+                if not is_hidden(name):
+                    found.append((Path(root) / name).relative_to(raw_dir))
+    if skipped is not None:
+        skipped.sort(key=lambda p: p.as_posix())
     return sorted(found, key=lambda p: p.as_posix())
 
 
@@ -94,12 +113,8 @@ def _save_atomic(crop: Any, path: Path) -> None:
     """Write via a temporary file so an interrupted run never leaves a half-written crop to resume from."""
     image_format, options = _SAVE_OPTIONS.get(path.suffix.lower(), ("PNG", {}))
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        Image.fromarray(crop).save(temporary, format=image_format, **options)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_write(path, "wb") as handle:
+        Image.fromarray(crop).save(handle, format=image_format, **options)
 
 
 def read_image(path: Path) -> Image.Image:
@@ -147,6 +162,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(aligner_options: dict[str, Any], raw_dir: Path, out_dir: Path) -> None:
+    die_with_parent()
     import_cv2().setNumThreads(1)  # parallelism comes from the processes
     _WORKER.update(aligner=FaceAligner(**aligner_options), raw_dir=raw_dir, out_dir=out_dir)
 
@@ -197,12 +213,10 @@ def _previous_rows(report_path: Path) -> dict[str, dict[str, str]]:
 
 
 def _write_report(path: Path, rows: list[dict[str, str]]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("w", newline="") as f:
+    with atomic_write(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=REPORT_COLUMNS)
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda r: r["file"]))
-    os.replace(temporary, path)
 
 
 def _run(
@@ -274,7 +288,8 @@ def prepare_folder(
     report_path = out_dir / REPORT_NAME
     previous = _previous_rows(report_path)
     rows, pending = [], []
-    inputs = list_inputs(raw_dir)
+    linked_folders: list[Path] = []
+    inputs = list_inputs(raw_dir, linked_folders)
     if not inputs:
         raise FaceclsError(f"no files under {raw_dir} (hidden files are ignored); point it at your raw images")
     for relative in inputs:
@@ -292,6 +307,15 @@ def prepare_folder(
         else:
             pending.append(relative)
     done_before = len(rows)
+    for folder in linked_folders:
+        rows.append(
+            {
+                **dict.fromkeys(REPORT_COLUMNS, ""),
+                "file": folder.as_posix() + "/",
+                "status": "skipped-symlink",
+                "detail": "symlinked folder inside an identity folder: not followed",
+            }
+        )
 
     workers = min(workers or _default_workers(), max(1, len(pending)))
     if len(pending) < 8:
