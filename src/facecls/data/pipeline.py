@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -152,11 +153,28 @@ def _quiet_when_the_receiver_died(hook):
     return excepthook
 
 
+class _WorkerProcess(multiprocessing.get_context().Process):
+    """A loader worker: it ignores SIGTERM (see _init_worker), so the loader's last-resort ``terminate()``
+    of a worker that did not exit by itself sends SIGKILL instead (a join would otherwise wait forever)."""
+
+    def terminate(self) -> None:
+        self.kill()
+
+
+class _WorkerContext(type(multiprocessing.get_context())):
+    Process = _WorkerProcess
+
+
 def loader_kwargs(runtime: Runtime, persistent: bool = True) -> dict:
     """DataLoader settings from the runtime; with ``persistent`` the workers stay up between passes."""
     kwargs = {"num_workers": runtime.workers, "pin_memory": runtime.pin_memory}
     if runtime.workers > 0:
-        kwargs.update(persistent_workers=persistent, prefetch_factor=4, worker_init_fn=_init_worker)
+        kwargs.update(
+            persistent_workers=persistent,
+            prefetch_factor=4,
+            worker_init_fn=_init_worker,
+            multiprocessing_context=_WorkerContext(),
+        )
     return kwargs
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from PIL import Image
 
-from facecls.atomic import atomic_write
+from facecls.atomic import atomic_write, write_text
 from facecls.data.images import die_with_parent
 from facecls.errors import FaceclsError
 from facecls.faces.align import FaceAligner, FaceReport
@@ -202,7 +202,7 @@ def _check_config(out_dir: Path, config: dict[str, Any]) -> None:
             )
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config, indent=2) + "\n")
+        write_text(path, json.dumps(config, indent=2) + "\n")
 
 
 def _previous_rows(report_path: Path) -> dict[str, dict[str, str]]:
