@@ -170,7 +170,10 @@ class RunLock:
 
     def release(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)  # closing the last descriptor drops the flock
+            # Unlock first: forked children (loader workers that outlive the run in this process) share
+            # the open file description, and closing only this process's descriptor would keep it locked.
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
             self.fd = -1
 
     def __enter__(self) -> RunLock:
