@@ -130,6 +130,9 @@ def predict_folder(
 ) -> PredictSummary:
     """One row per image (``image_name,label``), sorted by name. Rows stream to the file, so memory
     does not grow with the folder. Unreadable images fail the run up front unless skipped."""
+    out = Path(out)
+    if out.is_dir():
+        raise FaceclsError(f"--out {out} is a folder; name the CSV file to write, e.g. {out / 'submission.csv'}")
     env = init_distributed()
     console = Console(enabled=env.is_main, progress=progress)
     loaded = load_run(run, checkpoint, local_rank=env.local_rank)
@@ -148,9 +151,6 @@ def predict_folder(
         runtime = dataclasses.replace(runtime, compile_inference=compile_inference)
     loader = predict_loader(dataset, batch_size, runtime, indices)
     model = inference_model(loaded.model, runtime, loaded.preprocess.input_size, len(paths), batch_size, console)
-    out = Path(out)
-    if out.is_dir():
-        raise FaceclsError(f"--out {out} is a folder; name the CSV file to write, e.g. {out / 'submission.csv'}")
     out.parent.mkdir(parents=True, exist_ok=True)
     skipped, no_face, written = [], [], 0
     bar = console.progress("predict", len(indices))
@@ -169,7 +169,7 @@ def predict_folder(
                 if s == "no-face":
                     no_face.append(name)
                 if writer:
-                    writer.writerow([escape_name(name), loaded.class_names[p]])
+                    writer.writerow([escape_name(name), escape_name(loaded.class_names[p])])
                     written += 1
                 else:
                     local_rows.append((i, loaded.class_names[p]))
@@ -186,7 +186,7 @@ def predict_folder(
                         w = csv.writer(h)
                         w.writerow(["image_name", "label"])
                         for i, label in merged:
-                            w.writerow([escape_name(paths[i].name), label])
+                            w.writerow([escape_name(paths[i].name), escape_name(label)])
                 written = len(merged)
         report_compile_failure(model, console)
         if env.is_main and skipped and not skip_unreadable:  # raised inside: the temp file goes, out stays

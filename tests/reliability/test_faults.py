@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -14,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _faults_module():
     spec = importlib.util.spec_from_file_location("facecls_faults", ROOT / "benchmarks" / "faults.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

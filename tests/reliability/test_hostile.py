@@ -97,7 +97,10 @@ def _group_gone(pgid: int, wait: float = 30) -> bool:
     return False
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(
+    "sig,code",
+    [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)],  # Ctrl-C: also test_resume
+)
 def test_stop_signal_to_the_whole_group_saves_and_says_how_to_resume(faces_data, tmp_path, sig, code):
     data = copy_identities(faces_data, tmp_path / "data", identities=4, images=6)
     run = tmp_path / "run"

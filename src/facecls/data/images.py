@@ -226,10 +226,10 @@ class DecodedCache:
     @classmethod
     def build(cls, root: Path, paths: list[Path], size: int, workers: int = 1, progress=None) -> DecodedCache:
         """Return the cache for ``paths`` at ``size``, building it under ``root`` if needed."""
+        remove_dead_builders(Path(root))
         folder = Path(root) / f"{cls.key(paths, size)}-{size}px"
         if (folder / "valid.npy").is_file():
             return cls(folder)
-        remove_dead_builders(Path(root))
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

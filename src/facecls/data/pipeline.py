@@ -154,11 +154,16 @@ def _quiet_when_the_receiver_died(hook):
 
 
 class _WorkerProcess(multiprocessing.get_context().Process):
-    """A loader worker: it ignores SIGTERM (see _init_worker), so the loader's last-resort ``terminate()``
-    of a worker that did not exit by itself sends SIGKILL instead (a join would otherwise wait forever)."""
+    """A loader worker. It ignores SIGTERM (see _init_worker), so every ``terminate()`` of it sends SIGKILL
+    instead: the loader's last resort for a worker that did not exit by itself, and multiprocessing's
+    exit handler, which terminates daemonic workers through their Popen object and then joins them
+    without a timeout (with SIGTERM ignored, a process that ends with live workers would never exit)."""
 
-    def terminate(self) -> None:
-        self.kill()
+    @staticmethod
+    def _Popen(process_obj):
+        popen = multiprocessing.get_context().Process._Popen(process_obj)
+        popen.terminate = popen.kill
+        return popen
 
 
 class _WorkerContext(type(multiprocessing.get_context())):
