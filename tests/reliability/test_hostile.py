@@ -532,3 +532,11 @@ def test_failed_atomic_write_leaves_no_temp_file(tmp_path):
         handle.write("half")
         raise OSError(errno.ENOSPC, "No space left on device")
     assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_prepare_never_opens_a_fifo(tmp_path):
+    from facecls.faces.prepare import read_image
+
+    os.mkfifo(tmp_path / "f.jpg")
+    with pytest.raises(OSError, match="FIFO"):
+        _returns_within(lambda: read_image(tmp_path / "f.jpg"))

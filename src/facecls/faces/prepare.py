@@ -34,7 +34,9 @@ from typing import Any
 from PIL import Image
 
 from facecls.atomic import atomic_write, write_text
-from facecls.data.images import die_with_parent
+from facecls.data import images
+from facecls.data.images import decode_bytes, die_with_parent
+from facecls.data.scan import not_a_regular_file
 from facecls.errors import FaceclsError
 from facecls.faces.align import FaceAligner, FaceReport
 from facecls.faces.detect import Pick, find_yunet_onnx, import_cv2
@@ -118,9 +120,17 @@ def _save_atomic(crop: Any, path: Path) -> None:
 
 
 def read_image(path: Path) -> Image.Image:
-    """Open and fully decode an image (raises on zero-byte, truncated or non-image files)."""
+    """Open and fully decode an image (raises on zero-byte, truncated or non-image files, on FIFOs and
+    other special files, which are never opened, and on images too large to decode; see data.images)."""
+    why = not_a_regular_file(path)
+    if why:
+        raise OSError(why)
     image = Image.open(path)
     try:
+        needed = decode_bytes(image.mode, *image.size)
+        if needed > images.MAX_DECODE_BYTES:
+            width, height = image.size
+            raise ValueError(f"too large to decode: {width} x {height} {image.mode} needs {needed / 2**30:.1f} GiB")
         image.load()
     except BaseException:
         image.close()
