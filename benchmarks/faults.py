@@ -208,9 +208,14 @@ def run_faults(data: Path, workdir: Path, n: int, seed: int, log=print) -> Repor
         if "Traceback" in text:
             report.problems.append(f"{run}: a traceback after {signal.Signals(sig).name}: {text[-2000:]}")
         if fired:
-            expected = {-9} if sig == signal.SIGKILL else {143, -15, 0}  # -15: before the stop handler
+            # SIGTERM: 143 once `train` runs (its one line says how to resume); -15 while Python still
+            # imports, before the command has started; 0 when the run ended first
+            expected = {-9} if sig == signal.SIGKILL else {143, -15, 0}
             if code not in expected:
                 report.problems.append(f"{run}: exit {code} after {signal.Signals(sig).name}: {text[-1500:]}")
+            said = [line for line in text.splitlines() if line.startswith("facecls:")]
+            if code == 143 and (len(said) != 1 or not ("--resume" in said[0] or "again" in said[0])):
+                report.problems.append(f"{run}: after SIGTERM, not one line saying how to go on: {said}")
             states = []
             for ckpt in sorted(run.glob("*.ckpt")):
                 try:

@@ -544,13 +544,40 @@ def train(
             raise FaceclsError("--data DIR is required for a new run")
         find_labelled_images(Path(data_dir))  # a wrong --data fails before the run folder is created
     state, lock = None, None
-    if env.is_main:
-        lock, state = prepare_run_folder(run, resume)
+    with _sigterm_exits_at_once(run, env):
+        if env.is_main:
+            lock, state = prepare_run_folder(run, resume)
+        try:
+            return _train_locked(recipe, data_dir, run, env, console, state, resume, manifest, offline, device)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+@contextlib.contextmanager
+def _sigterm_exits_at_once(run: Path, env: DistEnv):
+    """SIGTERM outside the training loop (data scan, decoding, final evaluation): nothing is worth
+    finishing there, so the process ends at once, as a preempted job must, with the resume command on
+    one line and exit code 143. Inside the loop, _stop_at_step_boundary takes over (it saves first).
+    Files being written are left as temp files (removed by the resume), worker processes die with this
+    one, and a half-built decoded cache is removed by the next run."""
+    if env.enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_now(signum, frame) -> None:
+        if (run / "config.yaml").is_file():
+            what = f"continue with `facecls train --resume {run}`"
+        else:
+            what = "nothing was trained yet: run the same command again"
+        os.write(2, f"facecls: stopped (SIGTERM) outside the training loop; {what}\n".encode())
+        os._exit(128 + signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, exit_now)
     try:
-        return _train_locked(recipe, data_dir, run, env, console, state, resume, manifest, offline, device)
+        yield
     finally:
-        if lock is not None:
-            lock.release()
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _train_locked(recipe, data_dir, run, env, console, state, resume, manifest, offline, device) -> TrainResult:

@@ -131,6 +131,31 @@ def test_stop_signal_to_the_whole_group_saves_and_says_how_to_resume(faces_data,
     assert runs.read_run_info(run)["completed"] is True
 
 
+_SIGTERM_OUTSIDE_LOOP = """
+import os, signal, sys, time
+from pathlib import Path
+from facecls.distributed import DistEnv
+from facecls.training import _sigterm_exits_at_once
+run = Path(sys.argv[1])
+with _sigterm_exits_at_once(run, DistEnv()):
+    os.kill(os.getpid(), signal.SIGTERM)  # as during the data scan, the decoding or the final evaluation
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("started", [True, False])
+def test_sigterm_outside_the_training_loop_exits_143_in_one_line(tmp_path, started):
+    if started:
+        (tmp_path / "config.yaml").write_text("name: x\n")
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_OUTSIDE_LOOP, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 143, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("facecls: stopped (SIGTERM)"), done.stderr
+    assert ("--resume" in lines[0]) == started
+
+
 # ---- 5. a full disk inside torch.save ------------------------------------------------------------------
 
 

@@ -168,6 +168,13 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+def init_pool_worker() -> None:
+    """Initializer of the decoding pools' (forked) workers: SIGTERM ends them as usual (not the main
+    process's handler, inherited through fork), and they die with their parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent()
+
+
 def remove_dead_builders(root: Path) -> list[Path]:
     """Remove ``<key>.tmp<PID>`` cache folders whose building process is gone (killed mid-build)."""
     removed = []
@@ -240,7 +247,7 @@ class DecodedCache:
         jobs = [(str(tmp / "images.npy"), size, items[i : i + chunk], n) for i in range(0, n, chunk)]
         failures: list[tuple[int, str]] = []
         if workers > 1 and n > chunk:
-            with ProcessPoolExecutor(workers, initializer=die_with_parent) as pool:
+            with ProcessPoolExecutor(workers, initializer=init_pool_worker) as pool:
                 for job, result in zip(jobs, pool.map(_fill_chunk, jobs), strict=True):
                     failures += result
                     if progress:

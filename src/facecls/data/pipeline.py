@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from facecls.config import AugmentConfig, DataConfig
 from facecls.data.datasets import EpochSampler, FaceImages, shard
-from facecls.data.images import DecodedCache, UnreadableImage, check_decodes, die_with_parent
+from facecls.data.images import DecodedCache, UnreadableImage, check_decodes, die_with_parent, init_pool_worker
 from facecls.data.scan import SkippedFile, find_labelled_images
 from facecls.data.split import ManifestRow, class_names_from, read_manifest, stratified_split
 from facecls.data.transforms import train_transform
@@ -53,7 +53,7 @@ def find_unreadable(paths: list[Path], workers: int) -> dict[int, str]:
     """Decode every file once (no cache kept) and return {index: error} for the unreadable ones."""
     names = [str(p) for p in paths]
     if workers > 1:
-        with ProcessPoolExecutor(workers, initializer=die_with_parent) as pool:
+        with ProcessPoolExecutor(workers, initializer=init_pool_worker) as pool:
             results = list(pool.map(_check_one, names, chunksize=64))
     else:
         results = [_check_one(n) for n in names]
