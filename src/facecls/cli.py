@@ -156,7 +156,26 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
             signal.signal(sig, handler)
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    os.write(2, b"facecls: stopped (SIGTERM) before training started; nothing changed: run the same command again\n")
+    os._exit(128 + signal.SIGTERM)
+
+
 def cmd_train(args, argv: list[str]) -> int:
+    """``facecls train``. A SIGTERM before training has set up (Python still importing torch, on a busy
+    machine for seconds) ends it at once with one line; train() then handles SIGTERM itself."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        return _cmd_train(args, argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _cmd_train(args, argv: list[str]) -> int:
     from facecls.config import load_recipe
 
     if args.nproc is not None and args.nproc < 1:
