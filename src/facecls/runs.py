@@ -6,6 +6,7 @@ RUN/
   metrics.csv        per-epoch metrics        curves.png     loss / accuracy / lr per epoch
   last.ckpt best.ckpt                         skipped_files.csv
   eval_<split>.json  per_class_<split>.csv    (from evaluate)
+  .lock              held (flock) by the process that writes the run; see RunLock
 """
 
 from __future__ import annotations
