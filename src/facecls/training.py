@@ -33,7 +33,7 @@ from facecls.data.split import class_names_from, manifest_sha256, write_manifest
 from facecls.data.transforms import Normalize
 from facecls.distributed import DistEnv, barrier, convert_sync_batchnorm, init_distributed
 from facecls.engine import RunningStats, StepContext, evaluate, train_one_epoch
-from facecls.errors import FaceclsError
+from facecls.errors import FaceclsError, Stopped
 from facecls.models.registry import FaceClassifier, create_model, get_entry, get_weight_spec
 from facecls.models.weights import load_backbone_weights, read_state_dict, resolve_weights_file
 from facecls.runs import Preprocess
@@ -196,8 +196,11 @@ class Trainer:
             + ", ".join(f"{k} {v}" for k, v in counts.items())
             + (f"; {len(skipped)} files left out ({unreadable} unreadable), see skipped_files.csv" if skipped else "")
         )
-        if "train" not in self.datasets:
-            raise FaceclsError("no readable training images")
+        if not self.datasets.get("train"):
+            raise FaceclsError(
+                f"no readable training images under {self.data_dir}/train ({unreadable} unreadable); "
+                "see skipped_files.csv in the run folder"
+            )
 
         torch.manual_seed(recipe.train.seed)
         model = create_model(recipe.model.name, len(self.class_names), recipe.model.head)
@@ -314,7 +317,7 @@ class Trainer:
         is saved right there (so the resumed run is exactly the uninterrupted one) and training stops.
         A second Ctrl-C stops at once, keeping the last checkpoint. Single-process runs only: under
         torchrun the processes could not agree on the step."""
-        self.stop_requested = False
+        self.stop_requested, self.stop_signal = False, signal.SIGINT
         if self.env.enabled or threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -322,8 +325,11 @@ class Trainer:
         def request_stop(signum, frame) -> None:
             if self.stop_requested and signum == signal.SIGINT:
                 raise KeyboardInterrupt
-            self.stop_requested = True
-            os.write(2, b"\nstopping after this step (saving a checkpoint); Ctrl-C again to stop at once\n")
+            if not self.stop_requested:
+                again = "; Ctrl-C again to stop at once" if signum == signal.SIGINT else ""
+                name = signal.Signals(signum).name
+                os.write(2, f"\n{name}: stopping after this step (saving a checkpoint){again}\n".encode())
+            self.stop_requested, self.stop_signal = True, signum
 
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -332,11 +338,12 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def _stopped(self) -> FaceclsError:
+    def _stopped(self) -> Stopped:
         where = f"epoch {self.epoch + 1}, step {self.step_in_epoch}" if self.step_in_epoch else f"epoch {self.epoch}"
-        return FaceclsError(
-            f"stopped at the end of {where}; progress saved in {self.run / 'last.ckpt'}: "
-            f"continue with `facecls train --resume {self.run}`"
+        return Stopped(
+            f"stopped ({signal.Signals(self.stop_signal).name}) at the end of {where}; progress saved in "
+            f"{self.run / 'last.ckpt'}: continue with `facecls train --resume {self.run}`",
+            128 + int(self.stop_signal),
         )
 
     def _wrap(self) -> nn.Module:
@@ -411,8 +418,8 @@ class Trainer:
         except KeyboardInterrupt:
             # Under torchrun nothing is saved here: the processes may be at different points, and a
             # collective (or a checkpoint off by one step) would be wrong. The last checkpoint stands.
-            raise FaceclsError(
-                f"interrupted; resume from the last checkpoint with `facecls train --resume {self.run}`"
+            raise Stopped(
+                f"interrupted; resume from the last checkpoint with `facecls train --resume {self.run}`", 130
             ) from None
         finally:
             bar.close()
@@ -483,12 +490,30 @@ RUN_FILES = ("config.yaml", "run.json", "split.csv")
 """What a run folder holds once setup is done: enough to resume it (from scratch without a checkpoint)."""
 
 
-def prepare_run_folder(run: Path, resume: bool) -> dict | None:
-    """Create a fresh run folder, or find the checkpoint to resume from (None: no checkpoint was written
-    yet, the run starts again from the beginning with its recorded recipe and split)."""
+def prepare_run_folder(run: Path, resume: bool) -> tuple[runs.RunLock, dict | None]:
+    """Lock the run folder (created for a new run), then find the checkpoint to resume from (None: no
+    checkpoint was written yet, the run starts again from the beginning with its recorded recipe and
+    split). Every check of what the folder holds runs with the lock held, so two trainings can never
+    both decide that one folder is theirs."""
+    if resume and not run.is_dir():
+        raise FaceclsError(f"nothing to resume: run folder {run} does not exist")
+    if not resume:
+        if run.exists() and not run.is_dir():
+            raise FaceclsError(f"--out {run} is a file, not a folder")
+        try:
+            run.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FaceclsError(f"cannot create run folder {run}: {exc.strerror or exc}") from None
+    lock = runs.RunLock(run)
+    try:
+        return lock, _check_run_folder(run, resume)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _check_run_folder(run: Path, resume: bool) -> dict | None:
     if resume:
-        if not run.is_dir():
-            raise FaceclsError(f"nothing to resume: run folder {run} does not exist")
         missing = [name for name in RUN_FILES if not (run / name).is_file()]
         if missing:
             raise FaceclsError(
@@ -500,9 +525,6 @@ def prepare_run_folder(run: Path, resume: bool) -> dict | None:
         return load_checkpoint(last) if last.is_file() else None
     if any((run / name).exists() for name in ("last.ckpt", "metrics.csv", "config.yaml")):
         raise FaceclsError(f"{run} already holds a run: resume it with --resume {run}, or choose another --out")
-    if run.exists() and not run.is_dir():
-        raise FaceclsError(f"--out {run} is a file, not a folder")
-    run.mkdir(parents=True, exist_ok=True)
     return None
 
 
@@ -525,9 +547,44 @@ def train(
         if data_dir is None:
             raise FaceclsError("--data DIR is required for a new run")
         find_labelled_images(Path(data_dir))  # a wrong --data fails before the run folder is created
-    state = None
-    if env.is_main:
-        state = prepare_run_folder(run, resume)
+    state, lock = None, None
+    with _sigterm_exits_at_once(run, env):
+        if env.is_main:
+            lock, state = prepare_run_folder(run, resume)
+        try:
+            return _train_locked(recipe, data_dir, run, env, console, state, resume, manifest, offline, device)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+@contextlib.contextmanager
+def _sigterm_exits_at_once(run: Path, env: DistEnv):
+    """SIGTERM outside the training loop (data scan, decoding, final evaluation): nothing is worth
+    finishing there, so the process ends at once, as a preempted job must, with the resume command on
+    one line and exit code 143. Inside the loop, _stop_at_step_boundary takes over (it saves first).
+    Files being written are left as temp files (removed by the resume), worker processes die with this
+    one, and a half-built decoded cache is removed by the next run."""
+    if env.enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_now(signum, frame) -> None:
+        if (run / "config.yaml").is_file():
+            what = f"continue with `facecls train --resume {run}`"
+        else:
+            what = "nothing was trained yet: run the same command again"
+        os.write(2, f"facecls: stopped (SIGTERM) outside the training loop; {what}\n".encode())
+        os._exit(128 + signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _train_locked(recipe, data_dir, run, env, console, state, resume, manifest, offline, device) -> TrainResult:
     barrier(env)
     if resume:
         if not env.is_main:
