@@ -560,8 +560,11 @@ def test_failed_atomic_write_leaves_no_temp_file(tmp_path):
 
 
 def test_prepare_never_opens_a_fifo(tmp_path):
-    from facecls.faces.prepare import read_image
+    from facecls.faces.prepare import prepare_folder
 
-    os.mkfifo(tmp_path / "f.jpg")
-    with pytest.raises(OSError, match="FIFO"):
-        _returns_within(lambda: read_image(tmp_path / "f.jpg"))
+    (tmp_path / "raw" / "alice").mkdir(parents=True)
+    os.mkfifo(tmp_path / "raw" / "alice" / "f.jpg")
+    summary = _returns_within(lambda: prepare_folder(tmp_path / "raw", tmp_path / "out", progress=False, workers=1))
+    assert summary.aligned == 0
+    report = (tmp_path / "out" / "prepare_report.csv").read_text()
+    assert "f.jpg" in report and "FIFO" in report
