@@ -56,6 +56,12 @@ def _add_other(sub) -> None:
     p.add_argument("--margin", type=float, default=0.0, help="extra border around the aligned face (fraction)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument(
+        "--unknown",
+        metavar="auto|VALUE",
+        help="label faces scoring below a threshold 'unknown' (cosine, or probability); auto: measured on validation",
+    )
+    p.add_argument("--far", type=float, default=0.01, help="with --unknown auto: the target false-accept rate")
+    p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         help="torch.compile the model first (default: the run's speed.compile_inference; unset: on from 5,000 images)",
@@ -275,6 +281,8 @@ def run_command(args, argv: list[str]) -> int:
             batch_size=args.batch_size,
             compile_inference=args.compile,
             progress=not args.no_progress,
+            unknown=args.unknown,
+            far=args.far,
         )
         return 0
     if args.command == "score":

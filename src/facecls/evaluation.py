@@ -38,6 +38,7 @@ class LoadedRun:
     runtime: Runtime
     normalize: Normalize
     checkpoint: dict
+    checkpoint_path: Path | None = None
 
 
 def load_run(run: Path, checkpoint: str = "best", device: str | None = None, local_rank: int = 0) -> LoadedRun:
@@ -65,7 +66,7 @@ def load_run(run: Path, checkpoint: str = "best", device: str | None = None, loc
     memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
     model = model.to(runtime.device, memory_format=memory_format).eval()
     normalize = Normalize(preprocess.mean, preprocess.std, runtime.channels_last).to(runtime.device)
-    return LoadedRun(run, recipe, info, class_names, preprocess, model, runtime, normalize, state)
+    return LoadedRun(run, recipe, info, class_names, preprocess, model, runtime, normalize, state, ckpt_path)
 
 
 def evaluate_run(
@@ -114,6 +115,10 @@ def evaluate_run(
         "recipe": loaded.recipe.name,
     }
     if env.is_main:
+        from facecls.unknown import evaluate_open_set, wants_open_set
+
+        if wants_open_set(loaded) and len(set(preds.labels.tolist())) >= 2:
+            result["open_set"] = evaluate_open_set(loaded, split, batch_size=batch_size, console=console)
         _write_per_class(Path(run) / f"per_class_{split}.csv", preds, loaded.class_names)
         runs.write_json(Path(run) / f"eval_{split}.json", result)
         if not quiet:
@@ -121,6 +126,15 @@ def evaluate_run(
                 f"{split}: top-1 {100 * metrics['top1']:.2f}%  top-5 {100 * metrics['top5']:.2f}%  "
                 f"loss {metrics['loss']:.4f}  ({metrics['count']} images)"
             )
+            if "open_set" in result:
+                o = result["open_set"]
+                console.print_result(
+                    f"{split} open set ({o['score']}, identities held out of the gallery in turn): TAR@FAR 1% "
+                    f"{100 * o['tar@far=0.01']:.2f}%  TAR@FAR 0.1% {100 * o['tar@far=0.001']:.2f}%  "
+                    f"threshold {o['threshold']:.4f} (FAR {o['threshold_far']:g} on val): open-set accuracy "
+                    f"{100 * o['open_set_accuracy']:.2f}% (known identified {100 * o['known_identified']:.2f}%, "
+                    f"unknown rejected {100 * o['unknown_rejected']:.2f}%)"
+                )
     return result
 
 

@@ -334,3 +334,78 @@ def resolve_pair_images(pairs: Pairs, images_dir: Path) -> dict[str, Path]:
             f"{images_dir}: {shown}"
         )
     return resolved
+
+
+def identity_groups(labels, num_classes: int, n_groups: int = 5, seed: int = 0) -> np.ndarray:
+    """For each class, the group (0..G-1) its identity is held out in, or -1 for classes with no probe in
+    ``labels`` (those stay in the gallery in every round). Identities are shuffled with ``seed`` and dealt
+    round-robin into ``min(n_groups, identities)`` groups."""
+    present = np.unique(np.asarray(labels).reshape(-1))
+    if present.size < 2:
+        raise FaceclsError(
+            f"holding identities out of the gallery needs probes of at least 2 identities, got {present.size}"
+        )
+    groups = min(n_groups, present.size)
+    order = np.random.default_rng(seed).permutation(present)
+    class_group = np.full(num_classes, -1, dtype=np.int64)
+    class_group[order] = np.arange(order.size) % groups
+    return class_group
+
+
+def heldout_best(scores: np.ndarray, class_group: np.ndarray, softmax: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Best score and its class for each probe (rows of ``scores``, N x C) in each round g, where the
+    classes of group g are taken out of the gallery: ``(best, predicted)``, both N x G. With ``softmax``
+    the scores are logits and the best score is the top probability over the classes left; otherwise
+    they are similarities (cosines) and the best is their maximum."""
+    scores = np.asarray(scores, dtype=np.float64)
+    n_groups = int(class_group.max()) + 1
+    best = np.empty((scores.shape[0], n_groups))
+    predicted = np.empty((scores.shape[0], n_groups), dtype=np.int64)
+    for g in range(n_groups):
+        masked = np.where(class_group[None, :] == g, -np.inf, scores)
+        predicted[:, g] = masked.argmax(1)
+        top = masked[np.arange(scores.shape[0]), predicted[:, g]]
+        if softmax:  # max probability = 1 / sum(exp(logit - max logit)) over the classes left
+            top = 1.0 / np.exp(masked - top[:, None]).sum(1)
+        best[:, g] = top
+    return best, predicted
+
+
+@dataclass(frozen=True)
+class HeldOutProbes:
+    """Every (probe, round) of the held-out protocol, flattened: the best score and its class, and the
+    probe's class or -1 when its identity was held out in that round (an unknown face)."""
+
+    best: np.ndarray
+    predicted: np.ndarray
+    labels: np.ndarray
+
+    @classmethod
+    def from_rounds(cls, best: np.ndarray, predicted: np.ndarray, labels, class_group: np.ndarray) -> HeldOutProbes:
+        labels = np.asarray(labels).reshape(-1)
+        rounds = np.arange(best.shape[1])[None, :]
+        held_out = class_group[labels][:, None] == rounds
+        open_labels = np.where(held_out, -1, labels[:, None])
+        return cls(best.reshape(-1), predicted.reshape(-1), open_labels.reshape(-1))
+
+    @property
+    def impostor(self) -> np.ndarray:
+        return self.best[self.labels < 0]
+
+    @property
+    def genuine(self) -> np.ndarray:
+        return self.best[self.labels >= 0]
+
+
+def open_set_report(probes: HeldOutProbes, threshold: float | None, fars=(0.01, 0.001)) -> dict:
+    """TAR (known probes accepted) and the threshold at each FAR, and open-set accuracy at ``threshold``."""
+    report: dict = {"probes_known": int((probes.labels >= 0).sum()), "probes_unknown": int((probes.labels < 0).sum())}
+    for far in fars:
+        tar, at = tar_at_far(probes.genuine, probes.impostor, far)
+        report[f"tar@far={far:g}"] = tar
+        report[f"threshold@far={far:g}"] = at
+    if threshold is not None:
+        result = open_set_accuracy(probes.best, probes.predicted, probes.labels, threshold)
+        report.update({"threshold": threshold, **result.as_dict()})
+        report["false_accept_rate"] = float(np.mean(probes.impostor >= threshold))
+    return report

@@ -104,12 +104,28 @@ def predict_loader(
 
 
 @torch.inference_mode()
-def predict_batches(model: torch.nn.Module, loader: DataLoader, normalize: torch.nn.Module, runtime: Runtime):
-    """Yield ``(predicted class indices, dataset indices, statuses)`` per batch (model in eval mode)."""
+def predict_batches(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    normalize: torch.nn.Module,
+    runtime: Runtime,
+    unknown: tuple[float | None, float] | None = None,
+):
+    """Yield ``(predicted class indices, dataset indices, statuses)`` per batch (model in eval mode).
+    With ``unknown=(cosine scale, threshold)``, an image whose best score is below the threshold gets
+    class -1: the score is the top cosine (logits / scale), or the top probability when the scale is None."""
     for images_u8, idx, status in loader:
         x = normalize(images_u8)
         with runtime.autocast():
-            pred = model(x).argmax(1).cpu().tolist()
+            logits = model(x)
+        if unknown is None:
+            pred = logits.argmax(1).cpu().tolist()
+        else:
+            scale, threshold = unknown
+            logits = logits.float()
+            scores = logits / scale if scale is not None else torch.softmax(logits, dim=1)
+            best, top = scores.max(dim=1)
+            pred = torch.where(best.double() >= threshold, top, -1).cpu().tolist()
         yield pred, idx.tolist(), status
 
 
@@ -126,12 +142,24 @@ def predict_folder(
     batch_size: int = 128,
     compile_inference: bool | None = None,
     progress: bool = True,
+    unknown: str | None = None,
+    far: float = 0.01,
 ) -> PredictSummary:
     """One row per image (``image_name,label``), sorted by name. Rows stream to the file, so memory
-    does not grow with the folder. Unreadable images fail the run up front unless skipped."""
+    does not grow with the folder. Unreadable images fail the run up front unless skipped.
+    With ``unknown`` ("auto" or a threshold), faces scoring below the threshold are labelled ``unknown``
+    (see facecls.unknown; "auto" measures the threshold for the false-accept rate ``far``)."""
     env = init_distributed()
     console = Console(enabled=env.is_main, progress=progress)
     loaded = load_run(run, checkpoint, local_rank=env.local_rank)
+    open_set = None
+    if unknown is not None:
+        from facecls.unknown import UNKNOWN_LABEL, cosine_scale, resolve_threshold
+
+        if UNKNOWN_LABEL in loaded.class_names:
+            raise FaceclsError(f"run {run} has a class named '{UNKNOWN_LABEL}'; --unknown cannot label faces with it")
+        threshold = resolve_threshold(loaded, unknown, far, console=console) if env.is_main else None
+        open_set = (cosine_scale(loaded.model), broadcast_object(env, threshold))
     paths, _ = list_flat_images(images)
     bad = broadcast_object(env, quick_check(paths) if env.is_main else None)  # every process stops, or none
     if bad and not skip_unreadable:
@@ -160,7 +188,7 @@ def predict_folder(
     if writer:
         writer.writerow(["image_name", "label"])
     try:
-        for pred, idx, status in predict_batches(model, loader, loaded.normalize, runtime):
+        for pred, idx, status in predict_batches(model, loader, loaded.normalize, runtime, open_set):
             for i, p, s in zip(idx, pred, status, strict=True):
                 name = paths[i].name
                 if s == "unreadable":
@@ -168,11 +196,12 @@ def predict_folder(
                     continue
                 if s == "no-face":
                     no_face.append(name)
+                label = loaded.class_names[p] if p >= 0 else "unknown"
                 if writer:
-                    writer.writerow([name, loaded.class_names[p]])
+                    writer.writerow([name, label])
                     written += 1
                 else:
-                    local_rows.append((i, loaded.class_names[p]))
+                    local_rows.append((i, label))
             bar.advance(len(pred))
         bar.close()
         if env.enabled:

@@ -1,0 +1,193 @@
+"""Unknown faces for a trained run: the score a prediction is judged by, and its threshold.
+
+A prediction's score is the cosine similarity of the face to its best class for embedding classifiers
+(heads that compare L2-normalised features with L2-normalised class vectors), and the top softmax
+probability otherwise. A face scoring below the threshold is labelled ``unknown``.
+
+The threshold is measured, not guessed (``--unknown auto``): on the run's validation split, the
+validation identities are dealt into up to 5 groups, and in each round one group is taken out of the
+gallery, so its images become faces of people the classifier has never seen (impostors) while the
+others stay known. The threshold is the lowest one whose false-accept rate on those impostors is at
+most the target (``--far``); it is written to ``RUN/openset.json`` with the measured TAR, and reused
+while the checkpoint and the FAR stay the same.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from facecls import runs
+from facecls.console import Console
+from facecls.errors import FaceclsError
+from facecls.openset import HeldOutProbes, heldout_best, identity_groups, open_set_report, threshold_at_far
+
+OPENSET_FILE = "openset.json"
+UNKNOWN_LABEL = "unknown"
+
+
+def _head(model: torch.nn.Module) -> torch.nn.Module:
+    model = getattr(model, "_orig_mod", model)
+    return getattr(getattr(model, "module", model), "head", None)
+
+
+def cosine_scale(model: torch.nn.Module) -> float | None:
+    """The scale s of a cosine-type head (its logits are s * cos), or None for a probability head."""
+    head = _head(model)
+    if head is not None and hasattr(head, "cosines") and hasattr(head, "scale"):
+        return float(head.scale)
+    return None
+
+
+def score_kind(model: torch.nn.Module) -> str:
+    return "cosine" if cosine_scale(model) is not None else "probability"
+
+
+def best_scores(model: torch.nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(best score, class index)`` per row of ``logits``: the top cosine, or the top probability."""
+    logits = logits.float()
+    scale = cosine_scale(model)
+    scores = logits / scale if scale is not None else torch.softmax(logits, dim=1)
+    return scores.max(dim=1)
+
+
+@torch.inference_mode()
+def heldout_probes(
+    loaded, split: str, *, batch_size: int | None = None, console: Console | None = None
+) -> HeldOutProbes:
+    """The held-out protocol on ``split`` of a loaded run (see the module docstring)."""
+    from facecls.data.pipeline import build_datasets, eval_loader
+    from facecls.data.split import read_manifest
+    from facecls.distributed import DistEnv
+    from facecls.download import cache_dir
+
+    rows = read_manifest(Path(loaded.run) / "split.csv")
+    if not any(r.split == split for r in rows):
+        what = "a validation split" if split == "val" else f"a '{split}' split"
+        raise FaceclsError(
+            f"run {loaded.run} has no {what}, so no threshold for unknown faces can be measured on it; "
+            "give one with --unknown VALUE, or train with a validation split"
+        )
+    env = DistEnv()
+    data = build_datasets(
+        Path(loaded.info["data_dir"]),
+        rows,
+        loaded.preprocess,
+        loaded.recipe.data.augment,
+        use_cache=loaded.recipe.speed.decoded_cache,
+        cache_root=cache_dir() / "decoded",
+        workers=max(1, loaded.runtime.threads),
+        env=env,
+        splits=(split,),
+        class_names=loaded.class_names,
+    )
+    dataset = data.datasets[split]
+    class_group = identity_groups(dataset.labels, len(loaded.class_names))
+    softmax = cosine_scale(loaded.model) is None
+    scale = cosine_scale(loaded.model) or 1.0
+    loader = eval_loader(dataset, batch_size or 128, env, loaded.runtime)
+    model = loaded.model.eval()
+    bests, predicted, labels = [], [], []
+    bar = (console or Console(progress=False)).progress(f"unknown faces ({split})", len(dataset))
+    for images, batch_labels, _ in loader:
+        with loaded.runtime.autocast():
+            logits = model(loaded.normalize(images)).float()
+        best, pred = heldout_best((logits / scale).cpu().numpy(), class_group, softmax)
+        bests.append(best)
+        predicted.append(pred)
+        labels.append(batch_labels.numpy())
+        bar.advance(len(batch_labels))
+    bar.close()
+    return HeldOutProbes.from_rounds(
+        np.concatenate(bests), np.concatenate(predicted), np.concatenate(labels), class_group
+    )
+
+
+def _checkpoint_id(loaded) -> str:
+    """What the threshold was measured for: the checkpoint file's SHA-256 (an enrolled gallery differs)."""
+    from facecls.download import sha256_file
+
+    return sha256_file(Path(loaded.checkpoint_path))
+
+
+def read_openset(run: Path) -> dict | None:
+    path = Path(run) / OPENSET_FILE
+    if not path.is_file():
+        return None
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise FaceclsError(f"{path} is not valid JSON; delete it and run with --unknown auto again") from None
+
+
+def calibrate(loaded, far: float, *, console: Console | None = None) -> dict:
+    """Measure the threshold for ``far`` on the validation split; write and return RUN/openset.json."""
+    probes = heldout_probes(loaded, "val", console=console)
+    threshold = threshold_at_far(probes.impostor, far)
+    record = {
+        "threshold": threshold,
+        "far": far,
+        "score": score_kind(loaded.model),
+        "split": "val",
+        "checkpoint_sha256": _checkpoint_id(loaded),
+        "class_count": len(loaded.class_names),
+        **{k: v for k, v in open_set_report(probes, threshold).items() if k != "threshold"},
+    }
+    runs.write_json(Path(loaded.run) / OPENSET_FILE, record)
+    return record
+
+
+def parse_unknown(value: str) -> float | None:
+    """``auto`` -> None (measure it); a number -> that threshold."""
+    if value == "auto":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise FaceclsError(f"--unknown takes 'auto' or a number (a threshold on the score), got {value!r}") from None
+
+
+def resolve_threshold(loaded, unknown: str, far: float, *, console: Console | None = None) -> float:
+    """The threshold ``--unknown`` asks for: a given number, or the one measured for ``far`` (reused from
+    RUN/openset.json when it was measured for this checkpoint and FAR, else measured now and written)."""
+    if not 0.0 < far < 1.0:
+        raise FaceclsError(f"--far must be between 0 and 1 (e.g. 0.01 for 1%), got {far}")
+    value = parse_unknown(unknown)
+    if value is not None:
+        return value
+    recorded = read_openset(loaded.run)
+    if (
+        recorded is not None
+        and recorded.get("far") == far
+        and recorded.get("checkpoint_sha256") == _checkpoint_id(loaded)
+        and recorded.get("score") == score_kind(loaded.model)
+    ):
+        return float(recorded["threshold"])
+    record = calibrate(loaded, far, console=console)
+    if console is not None:
+        console.log(
+            f"unknown faces: threshold {record['threshold']:.4f} ({record['score']}) for FAR {far:g}, measured on "
+            f"{record['probes_unknown']} held-out validation faces; written to {Path(loaded.run) / OPENSET_FILE}"
+        )
+    return float(record["threshold"])
+
+
+def evaluate_open_set(loaded, split: str, *, batch_size: int | None = None, console: Console | None = None) -> dict:
+    """Open-set numbers of ``split`` under the held-out protocol: TAR at FAR 1% and 0.1%, and the
+    open-set accuracy at the run's recorded threshold (RUN/openset.json; measured on validation for
+    FAR 1% when there is none yet)."""
+    recorded = read_openset(loaded.run)
+    if recorded is None:
+        recorded = calibrate(loaded, 0.01, console=console)
+    probes = heldout_probes(loaded, split, batch_size=batch_size, console=console)
+    report = open_set_report(probes, float(recorded["threshold"]))
+    return {"score": score_kind(loaded.model), "threshold_far": recorded["far"], **report}
+
+
+def wants_open_set(loaded) -> bool:
+    """Evaluate reports open-set numbers for embedding classifiers, and for any run with a threshold."""
+    return cosine_scale(loaded.model) is not None or (Path(loaded.run) / OPENSET_FILE).is_file()
