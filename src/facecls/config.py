@@ -7,6 +7,7 @@ the YAML file or overridden on the command line with ``--set section.field=value
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -82,11 +83,40 @@ class HeadConfig:
     """Hidden width: Linear -> BatchNorm1d -> ReLU -> Dropout -> Linear (the seed notebook: 512);
     null gives Dropout -> Linear."""
     dropout: float = 0.5
-    """Dropout probability before the last Linear."""
+    """Dropout probability before the last Linear (before the normalisation for the cosine heads)."""
+    kind: Literal["linear", "cosine", "arcface", "cosface"] = "linear"
+    """linear: a Linear layer; cosine: scaled cosines to L2-normalised class weights; arcface / cosface: the
+    same with insightface's additive angular / cosine margin on the target class in training only."""
+    scale: float | None = None
+    """Cosine heads: the scale s of the cosines; null: 64 (insightface's)."""
+    margin: float | None = None
+    """arcface: the angular margin m in radians (null: 0.5); cosface: the cosine margin (null: 0.4)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.dropout < 1:
             raise ValueError(f"model.head.dropout must be in [0, 1), got {self.dropout}")
+        if self.kind == "linear" and (self.scale is not None or self.margin is not None):
+            raise ValueError("model.head.scale and model.head.margin apply to the cosine, arcface and cosface heads")
+        if self.kind != "linear" and self.hidden:
+            raise ValueError(f"model.head.hidden applies to the linear head only, not to {self.kind}")
+        if self.kind == "cosine" and self.margin not in (None, 0, 0.0):
+            raise ValueError("model.head.kind=cosine has no margin; use arcface or cosface for one")
+        if self.scale is not None and self.scale <= 0:
+            raise ValueError(f"model.head.scale must be > 0, got {self.scale}")
+        if self.margin is not None:
+            limit = math.pi / 2 if self.kind == "arcface" else 1.0
+            if not 0 <= self.margin < limit:
+                raise ValueError(f"model.head.margin for {self.kind} must be in [0, {limit:.4g}), got {self.margin}")
+
+    @property
+    def resolved_scale(self) -> float:
+        return 64.0 if self.scale is None else self.scale
+
+    @property
+    def resolved_margin(self) -> float:
+        if self.margin is not None:
+            return self.margin
+        return {"arcface": 0.5, "cosface": 0.4}.get(self.kind, 0.0)
 
 
 @dataclass

@@ -404,6 +404,7 @@ class Trainer:
             self.scaler,
             grad_accum=t.grad_accum,
             max_steps=total,
+            pass_labels=getattr(self.model, "_orig_mod", self.model).head.takes_labels,
             after_step=after_step,
         )
         try:
