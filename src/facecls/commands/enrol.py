@@ -1,0 +1,213 @@
+"""``facecls enrol``: add identities (and more images of known ones) to an embedding-based run without
+retraining, as a new run folder that predict, evaluate and compare use as they are.
+
+The run's classifier must compare L2-normalised embeddings with one vector per class (a cosine, arcface
+or cosface head: its class weights). A new identity's vector is the normalised mean of its images'
+unit embeddings; a known identity's vector becomes the normalised weighted mean of its current
+direction (counted as its training images) and the new embeddings. The source run is only read.
+
+NEW_RUN gets the source's files (config, split, metrics, ...), the new ``classes.json`` (new identities
+appended, so existing class indices keep their meaning), ``best.ckpt`` with the new head (no optimizer
+state: an enrolled run is not resumed), and ``enrol.json`` + ``enrol.csv`` saying what was added.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from facecls import runs
+from facecls.checkpoint import save_checkpoint
+from facecls.commands.embed import list_for_error, stream_embeddings
+from facecls.console import Console
+from facecls.data.scan import scan_identity_folders
+from facecls.embeddings import embedder_of
+from facecls.errors import FaceclsError
+
+# Files that describe the source model's own evaluations or checkpoints: not carried over.
+_NOT_COPIED = ("best.ckpt", "last.ckpt", "openset.json", "kaggle.json", "classes.json")
+_NOT_COPIED_PREFIXES = ("eval_", "per_class_", ".")
+
+
+@dataclass
+class EnrolSummary:
+    out: Path
+    added: dict[str, int]
+    extended: dict[str, int]
+    classes: int
+    seconds_embedding: float
+    seconds_total: float
+
+
+def gallery_weight(model: torch.nn.Module) -> torch.nn.Parameter:
+    """The per-class vectors of an embedding-based run's head; a clear error for any other head."""
+    head = getattr(model, "head", None)
+    weight = getattr(head, "weight", None)
+    if head is None or not hasattr(head, "cosines") or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        kind = getattr(head, "kind", None) or (
+            "linear" if isinstance(head, torch.nn.Sequential) else type(head).__name__
+        )
+        raise FaceclsError(
+            f"enrol needs an embedding-based run (one vector per class compared by cosine: model.head.kind "
+            f"cosine, arcface or cosface); this run's head is {kind}. Train one with e.g. "
+            "--set model.head.kind=cosine"
+        )
+    return weight
+
+
+def _train_counts(run: Path) -> dict[str, int]:
+    from facecls.data.split import read_manifest
+
+    counts: dict[str, int] = {}
+    for row in read_manifest(run / "split.csv"):
+        if row.split == "train":
+            counts[row.identity] = counts.get(row.identity, 0) + 1
+    return counts
+
+
+def _copy_run_files(run: Path, out: Path) -> None:
+    for entry in sorted(run.iterdir()):
+        if entry.name in _NOT_COPIED or entry.name.startswith(_NOT_COPIED_PREFIXES) or not entry.is_file():
+            continue
+        shutil.copy2(entry, out / entry.name)
+
+
+def enrol_run(
+    run: Path,
+    data: Path,
+    out: Path,
+    *,
+    checkpoint: str = "best",
+    flip: bool = False,
+    detect: bool = False,
+    detector: Path | None = None,
+    margin: float = 0.0,
+    batch_size: int = 128,
+    progress: bool = True,
+) -> EnrolSummary:
+    """Write NEW_RUN = ``run`` + the identities of ``data/<identity>/*`` (see the module docstring).
+    ``flip`` embeds each image with its mirror (off by default: prediction embeds images unflipped)."""
+    from facecls.evaluation import load_run
+
+    started = time.perf_counter()
+    console = Console(progress=progress)
+    run, data, out = Path(run), Path(data), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FaceclsError(f"--out {out} already exists and is not empty; choose a new folder for the enrolled run")
+    if out.resolve() == run.resolve():
+        raise FaceclsError("--out must be a new folder: enrol never changes the source run")
+    if not data.is_dir():
+        raise FaceclsError(f"--data {data} does not exist (expected {data}/<identity>/<image>)")
+    loaded = load_run(run, checkpoint)
+    weight = gallery_weight(loaded.model)
+    data = data.absolute()
+    samples, skipped = scan_identity_folders(data.parent, data.name)
+    if not samples:
+        raise FaceclsError(f"no images found under {data}/<identity>/ ({len(skipped)} other files or folders)")
+    if skipped:
+        console.warn(f"{len(skipped)} files or folders left out: {list_for_error([s.path for s in skipped])}")
+    paths = [data.parent / s.path for s in samples]
+    embedder = embedder_of(loaded.model, loaded.preprocess, loaded.runtime, loaded.recipe.model.name)
+    embeddings = np.zeros((len(paths), embedder.feature_dim), np.float32)
+    unreadable: list[str] = []
+    embed_start = time.perf_counter()
+    for indices, vectors, statuses in stream_embeddings(
+        embedder,
+        paths,
+        flip=flip,
+        detect=detect,
+        detector=detector,
+        margin=margin,
+        batch_size=batch_size,
+        console=console,
+        description="enrol",
+    ):
+        embeddings[indices] = vectors
+        unreadable += [samples[i].path for i, s in zip(indices, statuses, strict=True) if s == "unreadable"]
+    seconds_embedding = time.perf_counter() - embed_start
+    if unreadable:
+        raise FaceclsError(
+            f"{len(unreadable)} of {len(paths)} images under {data} could not be decoded: "
+            f"{list_for_error(unreadable)}; fix or remove them (nothing was written)"
+        )
+
+    identities = sorted({s.identity for s in samples})
+    labels = np.array([identities.index(s.identity) for s in samples])
+    sums = np.zeros((len(identities), embedder.feature_dim), np.float64)
+    np.add.at(sums, labels, embeddings.astype(np.float64))
+    counts = np.bincount(labels, minlength=len(identities))
+
+    old = weight.detach().float().cpu().numpy().astype(np.float64)
+    old_norms = np.linalg.norm(old, axis=1)
+    typical_norm = float(np.median(old_norms)) if old_norms.size else 1.0
+    class_names = list(loaded.class_names)
+    index = {name: i for i, name in enumerate(class_names)}
+    trained = _train_counts(run)
+    new_rows = []
+    added, extended = {}, {}
+    new_weight = old.copy()
+    for k, name in enumerate(identities):
+        if name in index:
+            i = index[name]
+            direction = old[i] / max(old_norms[i], 1e-12)
+            merged = direction * trained.get(name, 1) + sums[k]
+            new_weight[i] = merged / max(np.linalg.norm(merged), 1e-12) * old_norms[i]
+            extended[name] = int(counts[k])
+        else:
+            class_names.append(name)
+            new_rows.append(sums[k] / max(np.linalg.norm(sums[k]), 1e-12) * typical_norm)
+            added[name] = int(counts[k])
+    if new_rows:
+        new_weight = np.concatenate([new_weight, np.stack(new_rows)])
+
+    state = dict(loaded.checkpoint)
+    model_state = {k: v.clone() for k, v in state["model"].items()}
+    key = next(k for k in model_state if k.removeprefix("_orig_mod.").removeprefix("module.") == "head.weight")
+    model_state[key] = torch.from_numpy(new_weight).to(model_state[key].dtype)
+    for name in ("optimizer", "scheduler", "scaler", "rng", "partial"):
+        state.pop(name, None)
+    state.update(
+        model=model_state,
+        class_names=class_names,
+        enrolled_from={"run": str(run.absolute()), "checkpoint": str(loaded.checkpoint_path)},
+    )
+    state.pop("format_version", None)
+
+    out.mkdir(parents=True, exist_ok=True)
+    _copy_run_files(run, out)
+    runs.write_json(out / "classes.json", {"class_names": class_names})
+    save_checkpoint(state, out / "best.ckpt")
+    with open(out / "enrol.csv", "w", encoding="utf-8", errors="surrogateescape", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["identity", "path", "new_identity"])
+        for s in samples:
+            writer.writerow([s.identity, str(data.parent / s.path), int(s.identity in added)])
+    seconds_total = time.perf_counter() - started
+    runs.write_json(
+        out / "enrol.json",
+        {
+            "source_run": str(run.absolute()),
+            "source_checkpoint": str(loaded.checkpoint_path),
+            "data": str(data),
+            "added": added,
+            "extended": extended,
+            "classes": len(class_names),
+            "images": len(samples),
+            "flip_tta": flip,
+            "detect": detect,
+            "seconds_embedding": round(seconds_embedding, 3),
+            "seconds_total": round(seconds_total, 3),
+        },
+    )
+    console.print_result(
+        f"enrolled {len(added)} new identities and {sum(added.values()) + sum(extended.values())} images "
+        f"({len(extended)} known identities extended) into {out}: {len(class_names)} classes "
+        f"({seconds_total:.1f} s, of which embedding {seconds_embedding:.1f} s)"
+    )
+    return EnrolSummary(out, added, extended, len(class_names), seconds_embedding, seconds_total)
