@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as F
 
 from facecls.config import SpeedConfig
 from facecls.console import Console
@@ -112,7 +113,8 @@ def embedder_from_run(run: Path, checkpoint: str = "best", device: str | None = 
 
 class _Images(Dataset):
     """``index -> (uint8 CHW image, index, status)`` from files, or from a dataset's un-augmented images
-    (a `FaceImages` gives ``image(index)``; any other dataset's items start with the image)."""
+    (a `FaceImages` gives ``image(index)``; any other dataset's items start with the image), resized to
+    the input size when they are not at it."""
 
     def __init__(self, source, size: int):
         self.source, self.size = source, size
@@ -130,19 +132,10 @@ class _Images(Dataset):
         if self.files is not None:
             return self.files[index]
         image = self.source.image(index) if hasattr(self.source, "image") else self.source[index][0]
-        return _centre_crop(image, self.size), index, "ok"
-
-
-def _centre_crop(image: torch.Tensor, size: int) -> torch.Tensor:
-    """A training image decoded at ``data.resize`` is centre-cropped to the input size (what evaluation's
-    decode at the input size sees up to resampling); a smaller image is an error."""
-    h, w = image.shape[-2:]
-    if (h, w) == (size, size):
-        return image
-    if h < size or w < size:
-        raise FaceclsError(f"an image of {w}x{h} px is smaller than the model's input size {size}")
-    top, left = (h - size) // 2, (w - size) // 2
-    return image[..., top : top + size, left : left + size].contiguous()
+        if tuple(image.shape[-2:]) != (self.size, self.size):
+            # e.g. a training image decoded at data.resize: the same square framing, resampled
+            image = F.resize(image, [self.size, self.size], antialias=True)
+        return image, index, "ok"
 
 
 def image_loader(source: Sequence[str | Path] | Dataset, embedder: Embedder, batch_size: int):
@@ -153,16 +146,21 @@ def image_loader(source: Sequence[str | Path] | Dataset, embedder: Embedder, bat
 
 
 @torch.inference_mode()
-def embed_batch(embedder: Embedder, model: nn.Module, x: torch.Tensor, flip: bool) -> torch.Tensor:
-    """L2-normalised float32 embeddings of a normalised batch ``x`` (with ``flip``: image + mirror)."""
+def embed_batch(
+    embedder: Embedder, model: nn.Module, x: torch.Tensor, flip: bool, l2_normalize: bool = True
+) -> torch.Tensor:
+    """L2-normalised float32 embeddings of a normalised batch ``x`` (with ``flip``: image + mirror).
+    ``l2_normalize=False``: the backbone's raw features (with ``flip``: their mean over the two views)."""
     n = x.shape[0]
     if flip:
         x = torch.cat([x, torch.flip(x, dims=[3])])
     with embedder.runtime.autocast():
-        features = model(x)
-    features = nn.functional.normalize(features.float(), dim=1)
+        features = model(x).float()
+    if l2_normalize:
+        features = nn.functional.normalize(features, dim=1)
     if flip:
-        features = nn.functional.normalize(features[:n] + features[n:], dim=1)
+        features = features[:n] + features[n:]
+        features = nn.functional.normalize(features, dim=1) if l2_normalize else features / 2
     return features
 
 
@@ -174,12 +172,14 @@ def iter_embeddings(
     flip: bool = False,
     console: Console | None = None,
     description: str = "embed",
+    l2_normalize: bool = True,
 ) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
     """Stream ``(indices, N x D float32 unit vectors on the CPU, statuses)`` per batch of ``source`` (image
     paths, or a dataset whose items start with a uint8 CHW image; `FaceImages` are read un-augmented).
     An unreadable file's status is "unreadable" and its vector is that of a black image: the caller decides
     (`compute_embeddings` refuses them). The backbone runs in eval mode (its previous mode is restored),
-    with BatchNorm folded and bf16/channels_last as the embedder's runtime says."""
+    with BatchNorm folded and bf16/channels_last as the embedder's runtime says. ``l2_normalize=False``
+    gives the backbone's raw features, what a model's head takes."""
     from facecls.predict import inference_model
 
     backbone = embedder.backbone
@@ -195,7 +195,7 @@ def iter_embeddings(
     bar = (console or Console(progress=False)).progress(description, total)
     try:
         for images, indices, statuses in loader:
-            vectors = embed_batch(embedder, model, normalize(images), flip).cpu()
+            vectors = embed_batch(embedder, model, normalize(images), flip, l2_normalize).cpu()
             bar.advance(len(indices))
             yield indices.tolist(), vectors, list(statuses)
     finally:
@@ -211,13 +211,20 @@ def compute_embeddings(
     flip: bool = False,
     console: Console | None = None,
     description: str = "embed",
+    l2_normalize: bool = True,
 ) -> torch.Tensor:
     """``len(source) x feature_dim`` float32 L2-normalised embeddings, in ``source`` order (see
     `iter_embeddings`). Unreadable image files raise a FaceclsError naming them (count + first ones)."""
     out = torch.empty(len(source), embedder.feature_dim, dtype=torch.float32)
     bad: list[int] = []
     for indices, vectors, statuses in iter_embeddings(
-        embedder, source, batch_size=batch_size, flip=flip, console=console, description=description
+        embedder,
+        source,
+        batch_size=batch_size,
+        flip=flip,
+        console=console,
+        description=description,
+        l2_normalize=l2_normalize,
     ):
         out[indices] = vectors
         bad += [i for i, s in zip(indices, statuses, strict=True) if s == "unreadable"]
