@@ -233,3 +233,51 @@ def test_unknown_auto_needs_a_validation_split(cosine_run: Path, five_celebrity_
     args = ["predict", str(run), "--images", str(images), "--out", str(tmp_path / "s.csv"), "--unknown", "auto"]
     assert main([*args, "--no-progress"]) == 2
     assert "validation split" in _error_line(capsys)
+
+
+def test_raw_photos_with_detect(cosine_run: Path, five_celebrity_aligned: Path, faces_data: Path, tmp_path: Path):
+    """--detect on the raw photos: embed gives the embeddings of prepare's aligned crops (up to the crops'
+    JPEG re-encoding), and enrol + predict work on raw photos as on aligned ones."""
+    raw = faces_data / "five_celebrity"
+    out = tmp_path / "raw.npy"
+    args = ["embed", "--model", "sface", "--images", str(raw / "madonna"), "--out", str(out), "--no-progress"]
+    assert main([*args, "--detect"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                "sface",
+                "--images",
+                str(five_celebrity_aligned / "madonna"),
+                "--out",
+                str(tmp_path / "aligned.npy"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "raw.names.txt").read_text() == (tmp_path / "aligned.names.txt").read_text()
+    cosines = np.einsum("ij,ij->i", np.load(out), np.load(tmp_path / "aligned.npy"))
+    assert cosines.mean() > 0.97, cosines
+
+    new_dir, probes = tmp_path / "new", tmp_path / "probes"
+    probes.mkdir()
+    truth = {}
+    for name in NEW:
+        images = _images(raw / name)
+        (new_dir / name).mkdir(parents=True)
+        for image in images[:10]:
+            shutil.copy(image, new_dir / name / image.name)
+        for image in images[10:]:
+            shutil.copy(image, probes / f"{name}__{image.name}")
+            truth[f"{name}__{image.name}"] = name
+    enrolled = tmp_path / "enrolled"
+    args = ["enrol", str(cosine_run), "--data", str(new_dir), "--out", str(enrolled), "--detect", "--no-progress"]
+    assert main(args) == 0
+    submission = tmp_path / "sub.csv"
+    args = ["predict", str(enrolled), "--images", str(probes), "--out", str(submission), "--detect", "--no-progress"]
+    # Class means of one person's faces: the same person's other faces score >= 0.4 (cosine, SFace).
+    assert main([*args, "--unknown", "0.3"]) == 0
+    rows = list(csv.DictReader(open(submission)))
+    assert sum(r["label"] == truth[r["image_name"]] for r in rows) >= 0.9 * len(rows), rows
