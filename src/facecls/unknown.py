@@ -34,9 +34,11 @@ def _head(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def cosine_scale(model: torch.nn.Module) -> float | None:
-    """The scale s of a cosine-type head (its logits are s * cos), or None for a probability head."""
+    """The scale s of a head whose logits are s * cos (cosine, arcface, cosface, nearest mean), or None for
+    a head judged by its top probability (linear; kNN, whose softmax is the neighbours' vote share)."""
     head = _head(model)
-    if head is not None and hasattr(head, "cosines") and hasattr(head, "scale"):
+    is_cosine = hasattr(head, "cosines") or isinstance(getattr(head, "means", None), torch.Tensor)
+    if head is not None and is_cosine and hasattr(head, "scale"):
         return float(head.scale)
     return None
 

@@ -1,10 +1,11 @@
 """``facecls enrol``: add identities (and more images of known ones) to an embedding-based run without
 retraining, as a new run folder that predict, evaluate and compare use as they are.
 
-The run's classifier must compare L2-normalised embeddings with one vector per class (a cosine, arcface
-or cosface head: its class weights). A new identity's vector is the normalised mean of its images'
-unit embeddings; a known identity's vector becomes the normalised weighted mean of its current
-direction (counted as its training images) and the new embeddings. The source run is only read.
+The run's classifier must compare embeddings by cosine: one vector per class (a nearest-mean head's
+class means; a cosine, arcface or cosface head's class weights), or a kNN head's gallery. A new
+identity's vector is the normalised mean of its images' unit embeddings; a known identity's vector
+becomes the normalised weighted mean of its current direction (counted as its training images) and the
+new embeddings; in a kNN gallery every new image becomes a row. The source run is only read.
 
 NEW_RUN gets the source's files (config, split, metrics, ...), the new ``classes.json`` (new identities
 appended, so existing class indices keep their meaning), ``best.ckpt`` with the new head (no optimizer
@@ -45,20 +46,45 @@ class EnrolSummary:
     seconds_total: float
 
 
-def gallery_weight(model: torch.nn.Module) -> torch.nn.Parameter:
-    """The per-class vectors of an embedding-based run's head; a clear error for any other head."""
+def gallery_kind(model: torch.nn.Module) -> str:
+    """How the run's head keeps its identities: "vectors" (one per class: a cosine/arcface/cosface head's
+    ``weight``, a nearest-mean head's ``means``) or "gallery" (a kNN head's labelled unit vectors); a
+    clear error for any other head."""
     head = getattr(model, "head", None)
-    weight = getattr(head, "weight", None)
-    if head is None or not hasattr(head, "cosines") or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        kind = getattr(head, "kind", None) or (
-            "linear" if isinstance(head, torch.nn.Sequential) else type(head).__name__
-        )
-        raise FaceclsError(
-            f"enrol needs an embedding-based run (one vector per class compared by cosine: model.head.kind "
-            f"cosine, arcface or cosface); this run's head is {kind}. Train one with e.g. "
-            "--set model.head.kind=cosine"
-        )
-    return weight
+    if isinstance(getattr(head, "gallery", None), torch.Tensor) and hasattr(head, "gallery_labels"):
+        return "gallery"
+    if hasattr(head, "cosines") or isinstance(getattr(head, "means", None), torch.Tensor):
+        return "vectors"
+    kind = "linear" if isinstance(head, torch.nn.Sequential) else type(head).__name__
+    raise FaceclsError(
+        f"enrol needs an embedding-based run (model.head.kind nearest_mean, knn, cosine, arcface or cosface); "
+        f"this run's head is {kind}. Train one with e.g. --recipe sface_ncm or --set model.head.kind=cosine"
+    )
+
+
+def _state_key(model_state: dict, name: str) -> str:
+    return next(k for k in model_state if k.removeprefix("_orig_mod.").removeprefix("module.") == name)
+
+
+def _class_vectors(
+    old: np.ndarray, sums: np.ndarray, identities: list[str], index: dict[str, int], trained: dict[str, int]
+) -> tuple[np.ndarray, list[str]]:
+    """Class vectors with ``identities`` merged in: a new identity's vector is the normalised sum of its
+    unit embeddings (scaled like the others); a known one's direction counts as its training images."""
+    old_norms = np.linalg.norm(old, axis=1)
+    typical_norm = float(np.median(old_norms)) if old_norms.size else 1.0
+    vectors, new_rows, new_names = old.copy(), [], []
+    for k, name in enumerate(identities):
+        if name in index:
+            i = index[name]
+            merged = old[i] / max(old_norms[i], 1e-12) * trained.get(name, 1) + sums[k]
+            vectors[i] = merged / max(np.linalg.norm(merged), 1e-12) * old_norms[i]
+        else:
+            new_rows.append(sums[k] / max(np.linalg.norm(sums[k]), 1e-12) * typical_norm)
+            new_names.append(name)
+    if new_rows:
+        vectors = np.concatenate([vectors, np.stack(new_rows)])
+    return vectors, new_names
 
 
 def _train_counts(run: Path) -> dict[str, int]:
@@ -105,7 +131,7 @@ def enrol_run(
     if not data.is_dir():
         raise FaceclsError(f"--data {data} does not exist (expected {data}/<identity>/<image>)")
     loaded = load_run(run, checkpoint)
-    weight = gallery_weight(loaded.model)
+    kind = gallery_kind(loaded.model)
     data = data.absolute()
     samples, skipped = scan_identity_folders(data.parent, data.name)
     if not samples:
@@ -143,33 +169,29 @@ def enrol_run(
     np.add.at(sums, labels, embeddings.astype(np.float64))
     counts = np.bincount(labels, minlength=len(identities))
 
-    old = weight.detach().float().cpu().numpy().astype(np.float64)
-    old_norms = np.linalg.norm(old, axis=1)
-    typical_norm = float(np.median(old_norms)) if old_norms.size else 1.0
     class_names = list(loaded.class_names)
     index = {name: i for i, name in enumerate(class_names)}
-    trained = _train_counts(run)
-    new_rows = []
-    added, extended = {}, {}
-    new_weight = old.copy()
-    for k, name in enumerate(identities):
-        if name in index:
-            i = index[name]
-            direction = old[i] / max(old_norms[i], 1e-12)
-            merged = direction * trained.get(name, 1) + sums[k]
-            new_weight[i] = merged / max(np.linalg.norm(merged), 1e-12) * old_norms[i]
-            extended[name] = int(counts[k])
-        else:
-            class_names.append(name)
-            new_rows.append(sums[k] / max(np.linalg.norm(sums[k]), 1e-12) * typical_norm)
-            added[name] = int(counts[k])
-    if new_rows:
-        new_weight = np.concatenate([new_weight, np.stack(new_rows)])
-
     state = dict(loaded.checkpoint)
     model_state = {k: v.clone() for k, v in state["model"].items()}
-    key = next(k for k in model_state if k.removeprefix("_orig_mod.").removeprefix("module.") == "head.weight")
-    model_state[key] = torch.from_numpy(new_weight).to(model_state[key].dtype)
+    if kind == "gallery":  # kNN: every new image joins the gallery under its (new or known) class
+        new_names = [name for name in identities if name not in index]
+        lookup = {**index, **{name: len(class_names) + j for j, name in enumerate(new_names)}}
+        gallery_key, labels_key = (
+            _state_key(model_state, "head.gallery"),
+            _state_key(model_state, "head.gallery_labels"),
+        )
+        rows = torch.from_numpy(embeddings).to(model_state[gallery_key].dtype)
+        image_labels = torch.tensor([lookup[s.identity] for s in samples], dtype=model_state[labels_key].dtype)
+        model_state[gallery_key] = torch.cat([model_state[gallery_key], rows])
+        model_state[labels_key] = torch.cat([model_state[labels_key], image_labels])
+    else:
+        key = _state_key(model_state, "head.means" if hasattr(loaded.model.head, "means") else "head.weight")
+        old = model_state[key].float().numpy().astype(np.float64)
+        vectors, new_names = _class_vectors(old, sums, identities, index, _train_counts(run))
+        model_state[key] = torch.from_numpy(vectors).to(model_state[key].dtype)
+    class_names += new_names
+    added = {name: int(counts[k]) for k, name in enumerate(identities) if name in new_names}
+    extended = {name: int(counts[k]) for k, name in enumerate(identities) if name not in new_names}
     for name in ("optimizer", "scheduler", "scaler", "rng", "partial"):
         state.pop(name, None)
     state.update(
