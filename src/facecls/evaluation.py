@@ -128,12 +128,16 @@ def evaluate_run(
             )
             if "open_set" in result:
                 o = result["open_set"]
-                console.print_result(
-                    f"{split} open set ({o['score']}, identities held out of the gallery in turn): TAR@FAR 1% "
-                    f"{100 * o['tar@far=0.01']:.2f}%  TAR@FAR 0.1% {100 * o['tar@far=0.001']:.2f}%  "
+                at = (
                     f"threshold {o['threshold']:.4f} (FAR {o['threshold_far']:g} on val): open-set accuracy "
                     f"{100 * o['open_set_accuracy']:.2f}% (known identified {100 * o['known_identified']:.2f}%, "
                     f"unknown rejected {100 * o['unknown_rejected']:.2f}%)"
+                    if "threshold" in o
+                    else "no threshold (no validation split to measure one on)"
+                )
+                console.print_result(
+                    f"{split} open set ({o['score']}, identities held out of the gallery in turn): TAR@FAR 1% "
+                    f"{100 * o['tar@far=0.01']:.2f}%  TAR@FAR 0.1% {100 * o['tar@far=0.001']:.2f}%  {at}"
                 )
     return result
 

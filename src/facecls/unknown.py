@@ -182,13 +182,15 @@ def resolve_threshold(loaded, unknown: str, far: float, *, console: Console | No
 def evaluate_open_set(loaded, split: str, *, batch_size: int | None = None, console: Console | None = None) -> dict:
     """Open-set numbers of ``split`` under the held-out protocol: TAR at FAR 1% and 0.1%, and the
     open-set accuracy at the run's recorded threshold (RUN/openset.json; measured on validation for
-    FAR 1% when there is none yet)."""
+    FAR 1% when there is none yet; none at all for a run without a validation split)."""
+    from facecls.data.split import read_manifest
+
     probes = heldout_probes(loaded, split, batch_size=batch_size, console=console)
     recorded = read_openset(loaded.run)
-    if recorded is None:
+    if recorded is None and any(r.split == "val" for r in read_manifest(Path(loaded.run) / "split.csv")):
         recorded = calibrate(loaded, 0.01, console=console, probes=probes if split == "val" else None)
-    report = open_set_report(probes, float(recorded["threshold"]))
-    return {"score": score_kind(loaded.model), "threshold_far": recorded["far"], **report}
+    report = open_set_report(probes, float(recorded["threshold"]) if recorded else None)
+    return {"score": score_kind(loaded.model), "threshold_far": recorded["far"] if recorded else None, **report}
 
 
 def wants_open_set(loaded) -> bool:

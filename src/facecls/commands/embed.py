@@ -170,8 +170,6 @@ class _NpyWriter:
 
 class _ParquetWriter:
     def __init__(self, out: Path):
-        import pyarrow.parquet as pq  # noqa: F401 - checked by the caller
-
         self.out, self.names_path = out, None
         self.tmp = out.with_name(f".{out.name}.tmp")
         self.writer, self.count = None, 0
@@ -202,10 +200,8 @@ class _ParquetWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def _writer(out: Path):
+def _check_out(out: Path) -> None:
     suffix = out.suffix.lower()
-    if suffix == ".npy":
-        return _NpyWriter(out)
     if suffix == ".parquet":
         try:
             import pyarrow.parquet  # noqa: F401
@@ -213,8 +209,12 @@ def _writer(out: Path):
             raise FaceclsError(
                 f"{out}: writing .parquet needs pyarrow (pip install 'facecls[parquet]'); or write .npy"
             ) from None
-        return _ParquetWriter(out)
-    raise FaceclsError(f"--out {out}: choose a .npy (with a .names.txt beside it) or a .parquet file")
+    elif suffix != ".npy":
+        raise FaceclsError(f"--out {out}: choose a .npy (with a .names.txt beside it) or a .parquet file")
+
+
+def _writer(out: Path) -> _NpyWriter | _ParquetWriter:
+    return _ParquetWriter(out) if out.suffix.lower() == ".parquet" else _NpyWriter(out)
 
 
 def embed_folder(
@@ -237,13 +237,13 @@ def embed_folder(
     """Embed every image under ``images`` (any depth) into ``out``; see the module docstring."""
     console = Console(progress=progress)
     out = Path(out)
-    writer_type = _writer  # validates the suffix before any model is loaded
+    _check_out(out)  # before any model is loaded
     paths, not_images = find_images(images)
     if not paths:
         raise FaceclsError(f"no images found under {images}")
     embedder = open_embedder(run, model, weights=weights, checkpoint=checkpoint, offline=offline, device=device)
     out.parent.mkdir(parents=True, exist_ok=True)
-    writer = writer_type(out)
+    writer = _writer(out)
     relative = [p.relative_to(images).as_posix() for p in paths]
     unreadable, no_face = [], []
     try:

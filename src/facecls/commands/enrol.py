@@ -164,7 +164,8 @@ def enrol_run(
         )
 
     identities = sorted({s.identity for s in samples})
-    labels = np.array([identities.index(s.identity) for s in samples])
+    position = {name: k for k, name in enumerate(identities)}
+    labels = np.array([position[s.identity] for s in samples])
     sums = np.zeros((len(identities), embedder.feature_dim), np.float64)
     np.add.at(sums, labels, embeddings.astype(np.float64))
     counts = np.bincount(labels, minlength=len(identities))
