@@ -323,6 +323,8 @@ def run_command(args, argv: list[str]) -> int:
 
         summary = fetch_lfw(args.dir, args.min_images, variant=args.variant, offline=args.offline, archive=args.archive)
         print(f"LFW: {summary.identities} identities, {summary.images} images in {summary.train_dir}")
+        if summary.pairs_path is not None:
+            print(f"verification pairs: {summary.pairs_path} (facecls verify --pairs ... --images {summary.train_dir})")
         return 0
     if args.command == "prepare":
         from facecls.faces.prepare import prepare_folder
