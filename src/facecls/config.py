@@ -84,9 +84,13 @@ class HeadConfig:
     null gives Dropout -> Linear."""
     dropout: float = 0.5
     """Dropout probability before the last Linear (before the normalisation for the cosine heads)."""
-    kind: Literal["linear", "cosine", "arcface", "cosface"] = "linear"
+    kind: Literal["linear", "cosine", "arcface", "cosface", "nearest_mean", "knn"] = "linear"
     """linear: a Linear layer; cosine: scaled cosines to L2-normalised class weights; arcface / cosface: the
-    same with insightface's additive angular / cosine margin on the target class in training only."""
+    same with insightface's additive angular / cosine margin on the target class in training only;
+    nearest_mean / knn: no gradient steps, cosine to the class means / k nearest training features (needs
+    train.unfreeze: none)."""
+    k: int = 10
+    """knn: the number of neighbours (weighted by 1 / cosine distance)."""
     scale: float | None = None
     """Cosine heads: the scale s of the cosines; null: 64 (insightface's)."""
     margin: float | None = None
@@ -95,8 +99,12 @@ class HeadConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.dropout < 1:
             raise ValueError(f"model.head.dropout must be in [0, 1), got {self.dropout}")
-        if self.kind == "linear" and (self.scale is not None or self.margin is not None):
+        if self.kind in ("linear", "knn") and (self.scale is not None or self.margin is not None):
             raise ValueError("model.head.scale and model.head.margin apply to the cosine, arcface and cosface heads")
+        if self.kind == "nearest_mean" and self.margin is not None:
+            raise ValueError("model.head.kind=nearest_mean has no margin")
+        if self.k < 1:
+            raise ValueError(f"model.head.k must be >= 1, got {self.k}")
         if self.kind != "linear" and self.hidden:
             raise ValueError(f"model.head.hidden applies to the linear head only, not to {self.kind}")
         if self.kind == "cosine" and self.margin not in (None, 0, 0.0):
@@ -275,6 +283,14 @@ class Recipe:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.head.kind in ("nearest_mean", "knn"):
+            if self.train.unfreeze != "none" or self.train.feature_views < 1:
+                raise ValueError(
+                    f"model.head.kind={self.model.head.kind} takes no gradient steps: it needs a frozen backbone "
+                    "and stored features (train.unfreeze: none, train.feature_views >= 1)"
+                )
 
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"

@@ -97,7 +97,7 @@ def load_or_compute(
     folder = store_folder(embedder, dataset, views, seed, cache_root)
     file = folder / "features.npy"
     if file.is_file():
-        return torch.from_numpy(np.load(file)), True
+        return read_store(folder), True
     out = np.empty((views, len(dataset), embedder.feature_dim), dtype=np.float16)
     with torch.random.fork_rng(devices=[]):
         for view in range(views):
@@ -115,6 +115,11 @@ def load_or_compute(
     except OSError:  # another process stored the same features first
         shutil.rmtree(tmp, ignore_errors=True)
     return torch.from_numpy(out), False
+
+
+def read_store(folder: Path) -> torch.Tensor:
+    """The ``views x N x D`` float16 features kept in ``folder``."""
+    return torch.from_numpy(np.load(Path(folder) / "features.npy"))
 
 
 class StoredFeatures(Dataset):

@@ -32,10 +32,18 @@ from facecls.data.pipeline import build_datasets, eval_loader, make_manifest, tr
 from facecls.data.scan import find_labelled_images, read_skipped, write_skipped
 from facecls.data.split import class_names_from, manifest_sha256, write_manifest
 from facecls.data.transforms import Normalize
-from facecls.distributed import DistEnv, barrier, convert_sync_batchnorm, init_distributed
+from facecls.distributed import DistEnv, barrier, broadcast_object, convert_sync_batchnorm, init_distributed
 from facecls.engine import RunningStats, StepContext, evaluate, train_one_epoch
 from facecls.errors import FaceclsError
-from facecls.features import StoredFeatures, ToDevice, feature_eval_loader, feature_train_loader, load_or_compute
+from facecls.features import (
+    StoredFeatures,
+    ToDevice,
+    feature_eval_loader,
+    feature_train_loader,
+    load_or_compute,
+    read_store,
+    store_folder,
+)
 from facecls.models.registry import FaceClassifier, create_model, get_entry, get_weight_spec
 from facecls.models.weights import load_backbone_weights, read_state_dict, resolve_weights_file
 from facecls.runs import Preprocess
@@ -309,21 +317,42 @@ class Trainer:
                 continue
             dataset = self.datasets[split]
             kwargs = dict(views=views, seed=t.seed, cache_root=cache_dir(), batch_size=self.micro_batch * 2)
-            if env.is_main:
+            folder = None
+            if env.is_main:  # the other processes' backbones get rank 0's weights only when DDP wraps them
                 started = time.perf_counter()
                 features, reused = load_or_compute(embedder, dataset, console=self.console, **kwargs)
+                folder = store_folder(embedder, dataset, views, t.seed, cache_dir())
                 self.console.log(
                     f"{split} features: {len(dataset)} images x {views} view(s) "
                     + ("reused from the cache" if reused else f"computed in {time.perf_counter() - started:.1f} s")
                 )
-            barrier(env)
+            folder = broadcast_object(env, folder)
             if not env.is_main:
-                features, _ = load_or_compute(embedder, dataset, **kwargs)
+                features = read_store(folder)
             stored[split] = StoredFeatures(features, dataset.labels)
         train = feature_train_loader(stored["train"], self.micro_batch, t.seed, env.rank, self.world)
         if "val" not in stored:
             return train, None
         return train, feature_eval_loader(stored["val"], self.micro_batch * 2, env.rank, self.world)
+
+    @torch.no_grad()
+    def _fit_head(self) -> RunningStats:
+        """Fit a head that takes no gradient steps (nearest mean, kNN) on every stored training feature;
+        the returned stats are its loss and accuracy on the training images (their first view)."""
+        stored = self.train_loader.dataset
+        views, images, dim = stored.features.shape
+        labels = torch.tensor(stored.labels, device=self.runtime.device)
+        features = stored.features.reshape(views * images, dim).to(self.runtime.device)
+        self.eval_model.fit(features, labels.repeat(views))
+        self.eval_model.eval()
+        stats = RunningStats()
+        for start in range(0, images, 4096):  # bounded memory: a kNN query block is 4096 x gallery
+            end = min(start + 4096, images)
+            logits = self.eval_model(features[start:end].float())
+            target = labels[start:end]
+            loss = nn.functional.cross_entropy(logits, target, reduction="sum")
+            stats.add(float(loss), int((logits.argmax(1) == target).sum()), len(target))
+        return stats
 
     def _write_run_json(self) -> None:
         t = self.recipe.train
@@ -515,7 +544,10 @@ class Trainer:
             after_step=after_step,
         )
         try:
-            train_one_epoch(model, self.train_loader, ctx, stats, start_step=start)
+            if self.phase == "features" and self.eval_model.fits_without_gradients:
+                stats = self._fit_head()
+            else:
+                train_one_epoch(model, self.train_loader, ctx, stats, start_step=start)
         except KeyboardInterrupt:
             # Under torchrun nothing is saved here: the processes may be at different points, and a
             # collective (or a checkpoint off by one step) would be wrong. The last checkpoint stands.
@@ -538,6 +570,7 @@ class Trainer:
         self.step_in_epoch = 0
         if self.phase == "features":
             self.head_phase.record(monitor, val_metrics["loss"] if val_metrics else train_stats.loss, t)
+            self.head_phase.done |= self.eval_model.fits_without_gradients  # a second fit changes nothing
         images = train_stats.count
         row = {
             "epoch": self.epoch,

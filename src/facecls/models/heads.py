@@ -7,6 +7,9 @@ from its cosine (cos(theta) - m), both as insightface's ``arcface_torch`` define
 (``CombinedMarginLoss``: ArcFace falls back to cos(theta) - m * sin(m) once theta + m would pass pi, so
 the logit keeps decreasing with the angle). Margins apply only in training, when the labels are given;
 evaluation and prediction use the scaled cosine logits.
+
+``nearest_mean`` and ``knn`` take no gradient steps: they are fitted once on the stored features of the
+training images (class-mean unit vectors; the gallery of unit vectors) and keep them as buffers.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ class ClassifierHead(nn.Sequential):
     """Dropout -> Linear, or with ``hidden``: Linear -> BatchNorm1d -> ReLU -> Dropout -> Linear."""
 
     takes_labels = False
+    fits_without_gradients = False
 
     def __init__(self, in_features: int, num_classes: int, config: HeadConfig):
         if config.hidden:
@@ -43,6 +47,7 @@ class MarginHead(nn.Module):
     in training (``forward(features, labels)``)."""
 
     takes_labels = True
+    fits_without_gradients = False
 
     def __init__(self, in_features: int, num_classes: int, config: HeadConfig):
         super().__init__()
@@ -84,8 +89,79 @@ def margin_logits(cos: torch.Tensor, labels: torch.Tensor, kind: str, scale: flo
     return out * scale
 
 
+class NearestMeanHead(nn.Module):
+    """Nearest class mean by cosine: ``s * cos(feature, mean of the class's unit features)``. No gradient
+    steps: `fit` sets the means from stored features; they are buffers, so the checkpoint holds them."""
+
+    takes_labels = False
+    fits_without_gradients = True
+
+    def __init__(self, in_features: int, num_classes: int, config: HeadConfig):
+        super().__init__()
+        self.scale = float(config.resolved_scale)
+        self.register_buffer("means", torch.zeros(num_classes, in_features))
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """``features``: N x D (any scale), ``labels``: N class indices."""
+        unit = nn.functional.normalize(features.float(), dim=1)
+        sums = torch.zeros_like(self.means, dtype=torch.float32).index_add_(0, labels.to(unit.device), unit)
+        self.means.copy_(nn.functional.normalize(sums, dim=1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(features.device.type, enabled=False):  # cosines in float32
+            unit = nn.functional.normalize(features.float(), dim=1)
+            return self.scale * unit @ self.means.float().T
+
+
+class KNNHead(nn.Module):
+    """k nearest neighbours by cosine among the training features (the gallery), each neighbour voting
+    for its class with weight 1 / (cosine distance): the logits are the log of the vote shares. `fit` stores
+    the gallery (float16 unit vectors and labels) as buffers, so the checkpoint holds it."""
+
+    takes_labels = False
+    fits_without_gradients = True
+    _EPS = 1e-6
+
+    def __init__(self, in_features: int, num_classes: int, config: HeadConfig):
+        super().__init__()
+        self.k, self.num_classes = config.k, num_classes
+        self.register_buffer("gallery", torch.zeros(0, in_features, dtype=torch.float16))
+        self.register_buffer("gallery_labels", torch.zeros(0, dtype=torch.int64))
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.gallery = nn.functional.normalize(features.float(), dim=1).to(torch.float16)
+        self.gallery_labels = labels.to(torch.int64).clone()
+
+    def resize_buffers(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        """Make room for a checkpoint's gallery (its size is known only once it is read)."""
+        for name in ("gallery", "gallery_labels"):
+            if prefix + name in state:
+                setattr(self, name, torch.empty_like(state[prefix + name], device=getattr(self, name).device))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(features.device.type, enabled=False):  # similarities and votes in float32
+            return self._vote(nn.functional.normalize(features.float(), dim=1))
+
+    def _vote(self, unit: torch.Tensor) -> torch.Tensor:
+        if self.gallery.shape[0] == 0:
+            return torch.zeros(unit.shape[0], self.num_classes, device=unit.device)
+        similarity = unit @ self.gallery.float().T
+        k = min(self.k, similarity.shape[1])
+        top, index = similarity.topk(k, dim=1)
+        weights = 1.0 / (1.0 - top).clamp_min(self._EPS)
+        votes = torch.zeros(unit.shape[0], self.num_classes, device=unit.device)
+        votes.scatter_add_(1, self.gallery_labels[index], weights)
+        return torch.log(votes / votes.sum(1, keepdim=True) + self._EPS)
+
+
 def build_head(in_features: int, num_classes: int, config: HeadConfig) -> nn.Module:
     """The head ``config.kind`` names."""
     if config.kind == "linear":
         return ClassifierHead(in_features, num_classes, config)
+    if config.kind == "nearest_mean":
+        return NearestMeanHead(in_features, num_classes, config)
+    if config.kind == "knn":
+        return KNNHead(in_features, num_classes, config)
     return MarginHead(in_features, num_classes, config)
