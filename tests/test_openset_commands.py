@@ -35,25 +35,27 @@ def _error_line(capsys) -> str:
     return err[0]
 
 
-@pytest.fixture(scope="module")
-def cosine_run(five_celebrity_aligned: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An SFace run with a cosine head on three identities, half of their images held for validation."""
-    root = tmp_path_factory.mktemp("openset")
-    for name in KNOWN:
-        shutil.copytree(five_celebrity_aligned / name, root / "data" / "train" / name)
-    run = root / "run"
-    args = ["train", "--recipe", "sface", "--data", str(root / "data"), "--out", str(run), "--no-progress"]
-    for setting in (
-        "train.epochs=3",
-        "train.frozen_epochs=3",
-        "model.head.kind=cosine",
-        "data.split=[0.5,0.5,0.0]",
-        "train.batch_size=8",
-        "optim.lr=0.02",
-    ):
+def _train(data: Path, run: Path, recipe: str, *settings: str) -> Path:
+    args = ["train", "--recipe", recipe, "--data", str(data), "--out", str(run), "--no-progress"]
+    for setting in ("data.split=[0.5,0.5,0.0]", *settings):
         args += ["--set", setting]
     assert main(args) == 0
     return run
+
+
+@pytest.fixture(scope="module")
+def known_data(five_celebrity_aligned: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("known")
+    for name in KNOWN:
+        shutil.copytree(five_celebrity_aligned / name, root / "train" / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ncm_run(known_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sface_ncm recipe (class means of SFace embeddings) on three identities, half of each person's
+    images held for validation."""
+    return _train(known_data, tmp_path_factory.mktemp("ncm") / "run", "sface_ncm")
 
 
 def test_embed_writes_one_row_per_readable_image(five_celebrity_aligned: Path, tmp_path: Path, capsys) -> None:
@@ -177,9 +179,9 @@ def test_verify_refuses_pairs_naming_missing_images(five_celebrity_aligned: Path
 
 
 def test_enrol_adds_identities_and_leaves_source_untouched(
-    cosine_run: Path, five_celebrity_aligned: Path, tmp_path: Path, capsys
+    ncm_run: Path, five_celebrity_aligned: Path, tmp_path: Path, capsys
 ) -> None:
-    before = _tree_hashes(cosine_run)
+    before = _tree_hashes(ncm_run)
     new_dir, probes = tmp_path / "new", tmp_path / "probes"
     probes.mkdir()
     truth = {}
@@ -195,8 +197,8 @@ def test_enrol_adds_identities_and_leaves_source_untouched(
         shutil.copy(image, probes / f"ben__{image.name}")
         truth[f"ben__{image.name}"] = "ben_afflek"
     enrolled = tmp_path / "enrolled"
-    assert main(["enrol", str(cosine_run), "--data", str(new_dir), "--out", str(enrolled), "--no-progress"]) == 0
-    assert _tree_hashes(cosine_run) == before
+    assert main(["enrol", str(ncm_run), "--data", str(new_dir), "--out", str(enrolled), "--no-progress"]) == 0
+    assert _tree_hashes(ncm_run) == before
     record = json.loads((enrolled / "enrol.json").read_text())
     assert record["added"] == {"madonna": 10, "mindy_kaling": 10} and record["classes"] == 5
     classes = json.loads((enrolled / "classes.json").read_text())["class_names"]
@@ -209,21 +211,21 @@ def test_enrol_adds_identities_and_leaves_source_untouched(
     correct = sum(r["label"] == truth[r["image_name"]] for r in rows)
     assert len(rows) == len(truth) and correct >= 0.9 * len(rows), rows
     assert main(["evaluate", str(enrolled)]) == 0  # the source's validation split, on the bigger gallery
-    assert main(["compare", str(cosine_run), str(enrolled), "--out", str(tmp_path / "cmp")]) == 0
+    assert main(["compare", str(ncm_run), str(enrolled), "--out", str(tmp_path / "cmp")]) == 0
 
 
-def test_enrol_refuses_a_folder_without_images(cosine_run: Path, tmp_path: Path, capsys) -> None:
+def test_enrol_refuses_a_folder_without_images(ncm_run: Path, tmp_path: Path, capsys) -> None:
     (tmp_path / "new" / "someone").mkdir(parents=True)
     (tmp_path / "new" / "someone" / "notes.txt").write_text("no faces here")
-    args = ["enrol", str(cosine_run), "--data", str(tmp_path / "new"), "--out", str(tmp_path / "out")]
+    args = ["enrol", str(ncm_run), "--data", str(tmp_path / "new"), "--out", str(tmp_path / "out")]
     assert main(args) == 2
     assert "no images" in _error_line(capsys)
     assert not (tmp_path / "out").exists()
 
 
-def test_unknown_auto_needs_a_validation_split(cosine_run: Path, five_celebrity_aligned: Path, tmp_path: Path, capsys):
+def test_unknown_auto_needs_a_validation_split(ncm_run: Path, five_celebrity_aligned: Path, tmp_path: Path, capsys):
     run = tmp_path / "run"
-    shutil.copytree(cosine_run, run)
+    shutil.copytree(ncm_run, run)
     split = (run / "split.csv").read_text()
     (run / "split.csv").write_text(split.replace(",val\n", ",train\n"))
     (run / "openset.json").unlink(missing_ok=True)
@@ -235,7 +237,7 @@ def test_unknown_auto_needs_a_validation_split(cosine_run: Path, five_celebrity_
     assert "validation split" in _error_line(capsys)
 
 
-def test_raw_photos_with_detect(cosine_run: Path, five_celebrity_aligned: Path, faces_data: Path, tmp_path: Path):
+def test_raw_photos_with_detect(ncm_run: Path, five_celebrity_aligned: Path, faces_data: Path, tmp_path: Path):
     """--detect on the raw photos: embed gives the embeddings of prepare's aligned crops (up to the crops'
     JPEG re-encoding), and enrol + predict work on raw photos as on aligned ones."""
     raw = faces_data / "five_celebrity"
@@ -273,7 +275,7 @@ def test_raw_photos_with_detect(cosine_run: Path, five_celebrity_aligned: Path, 
             shutil.copy(image, probes / f"{name}__{image.name}")
             truth[f"{name}__{image.name}"] = name
     enrolled = tmp_path / "enrolled"
-    args = ["enrol", str(cosine_run), "--data", str(new_dir), "--out", str(enrolled), "--detect", "--no-progress"]
+    args = ["enrol", str(ncm_run), "--data", str(new_dir), "--out", str(enrolled), "--detect", "--no-progress"]
     assert main(args) == 0
     submission = tmp_path / "sub.csv"
     args = ["predict", str(enrolled), "--images", str(probes), "--out", str(submission), "--detect", "--no-progress"]
@@ -283,35 +285,13 @@ def test_raw_photos_with_detect(cosine_run: Path, five_celebrity_aligned: Path, 
     assert sum(r["label"] == truth[r["image_name"]] for r in rows) >= 0.9 * len(rows), rows
 
 
-def _mean_gallery_run(cosine_run: Path, out: Path) -> Path:
-    """A copy of ``cosine_run`` whose class vectors are the mean embeddings of its training images: a
-    nearest-mean gallery, which never saw the validation identities as negatives."""
-    import torch
-
-    from facecls.checkpoint import load_checkpoint, save_checkpoint
-    from facecls.data.split import read_manifest
-    from facecls.embeddings import compute_embeddings, embedder_from_run
-
-    shutil.copytree(cosine_run, out)
-    (out / "openset.json").unlink(missing_ok=True)
-    info = json.loads((out / "run.json").read_text())
-    classes = json.loads((out / "classes.json").read_text())["class_names"]
-    rows = [r for r in read_manifest(out / "split.csv") if r.split == "train"]
-    vectors = compute_embeddings(embedder_from_run(out), [Path(info["data_dir"]) / r.path for r in rows])
-    labels = torch.tensor([classes.index(r.identity) for r in rows])
-    means = torch.zeros(len(classes), vectors.shape[1]).index_add_(0, labels, vectors)
-    state = load_checkpoint(out / "best.ckpt")
-    state["model"]["head.weight"] = torch.nn.functional.normalize(means, dim=1)
-    save_checkpoint(state, out / "best.ckpt")
-    return out
-
-
 def test_unknown_auto_rejects_unseen_people_and_keeps_known(
-    cosine_run: Path, five_celebrity_aligned: Path, tmp_path: Path
+    ncm_run: Path, five_celebrity_aligned: Path, tmp_path: Path
 ) -> None:
     from facecls.data.split import read_manifest
 
-    run = _mean_gallery_run(cosine_run, tmp_path / "gallery")
+    run = tmp_path / "run"
+    shutil.copytree(ncm_run, run)
     probes = tmp_path / "probes"
     probes.mkdir()
     truth = {}
@@ -344,3 +324,42 @@ def test_unknown_auto_rejects_unseen_people_and_keeps_known(
     open_set = json.loads((run / "eval_val.json").read_text())["open_set"]
     assert open_set["threshold"] == record["threshold"] and 0 <= open_set["tar@far=0.01"] <= 1
     assert {"open_set_accuracy", "known_identified", "unknown_rejected", "tar@far=0.001"} <= set(open_set)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("recipe", "settings"),
+    [("sface_knn", ()), ("sface", ("model.head.kind=cosine", "train.epochs=1", "train.frozen_epochs=1"))],
+)
+def test_enrol_into_knn_gallery_and_cosine_head(
+    known_data: Path, five_celebrity_aligned: Path, tmp_path: Path, recipe: str, settings: tuple[str, ...]
+) -> None:
+    import torch
+
+    run = _train(known_data, tmp_path / "run", recipe, *settings)
+    new_dir, probes = tmp_path / "new", tmp_path / "probes"
+    probes.mkdir()
+    madonna = _images(five_celebrity_aligned / "madonna")
+    (new_dir / "madonna").mkdir(parents=True)
+    for image in madonna[:10]:
+        shutil.copy(image, new_dir / "madonna" / image.name)
+    for image in madonna[10:]:
+        shutil.copy(image, probes / image.name)
+    shutil.copytree(five_celebrity_aligned / "ben_afflek", new_dir / "ben_afflek")  # more of a known person
+    enrolled = tmp_path / "enrolled"
+    assert main(["enrol", str(run), "--data", str(new_dir), "--out", str(enrolled), "--no-progress"]) == 0
+    record = json.loads((enrolled / "enrol.json").read_text())
+    assert record["added"] == {"madonna": 10} and record["extended"] == {"ben_afflek": 14}
+    before = torch.load(run / "best.ckpt", weights_only=True)["model"]
+    after = torch.load(enrolled / "best.ckpt", weights_only=True)["model"]
+    if recipe == "sface_knn":  # every enrolled image is a new gallery row
+        assert after["head.gallery"].shape[0] == before["head.gallery"].shape[0] + 24
+        assert (after["head.gallery_labels"][-24:] == 3).sum() == 10
+    else:
+        assert after["head.weight"].shape[0] == 4
+        torch.testing.assert_close(after["head.weight"][1:3], before["head.weight"][1:3])  # not enrolled
+    submission = tmp_path / "sub.csv"
+    args = ["predict", str(enrolled), "--images", str(probes), "--out", str(submission), "--no-progress"]
+    assert main(args) == 0
+    labels = [r["label"] for r in csv.DictReader(open(submission))]
+    assert labels.count("madonna") >= 0.9 * len(labels), labels
