@@ -132,6 +132,8 @@ def test_plain_pairs_and_missing_images(tmp_path: Path) -> None:
     path.write_text("# mine\nAda/Ada_0001.jpg b.png 1\nb.png Ada/Ada_0001.jpg 0\n")
     pairs = read_pairs(path)
     assert pairs.same.tolist() == [True, False] and pairs.folds.tolist() == [0, 1]
+    path.write_text("Ada Lovelace/1.jpg\tAlan Turing/2.jpg\t0\nAda Lovelace/1.jpg\tAda Lovelace/3.jpg\t1\n")
+    assert read_pairs(path).first == ["Ada Lovelace/1.jpg"] * 2  # tab-separated: names with spaces
     resolved = resolve_pair_images(pairs, images)
     assert resolved == {"Ada/Ada_0001.jpg": images / "Ada/Ada_0001.jpg", "b.png": images / "b.png"}
     lfw = tmp_path / "lfw.txt"

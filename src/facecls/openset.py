@@ -224,6 +224,14 @@ def _lfw_name(name: str, number: str, path: Path, line_no: int) -> str:
     return f"{name}/{name}_{_int(number, path, line_no, 'image number'):04d}"
 
 
+def _fields(line: str) -> list[str]:
+    """Tab-separated fields when the line has a tab (so paths may hold spaces), else whitespace-separated."""
+    line = line.strip()
+    if "\t" in line:
+        return [field.strip() for field in line.split("\t") if field.strip()]
+    return line.split()
+
+
 def read_pairs(path: Path) -> Pairs:
     """Parse LFW's pairs.txt (or pairsDevTrain/Test.txt), or a plain file of ``path1 path2 label`` lines.
 
@@ -231,8 +239,8 @@ def read_pairs(path: Path) -> Pairs:
     ``name n1 n2`` followed by N different-person lines ``name1 n1 name2 n2``; their images are
     ``<name>/<name>_<nnnn>`` with an image suffix (see ``resolve_pair_images``).
     Plain: each line ``path1 path2 label`` (label 1 = same person, 0 = different), paths relative to the
-    images folder, whitespace-separated; blank lines and lines starting with ``#`` are ignored; split into
-    10 contiguous folds in file order.
+    images folder, separated by tabs (then paths may hold spaces) or by whitespace; blank lines and
+    lines starting with ``#`` are ignored; split into 10 contiguous folds in file order.
     """
     path = Path(path)
     try:
@@ -241,7 +249,7 @@ def read_pairs(path: Path) -> Pairs:
         raise FaceclsError(f"pairs file {path} not found") from None
     except (OSError, UnicodeDecodeError) as err:
         raise FaceclsError(f"cannot read pairs file {path}: {err}") from None
-    lines = [(no, line.split()) for no, line in enumerate(text.splitlines(), 1)]
+    lines = [(no, _fields(line)) for no, line in enumerate(text.splitlines(), 1)]
     content = [(no, fields) for no, fields in lines if fields and not fields[0].startswith("#")]
     if not content:
         raise FaceclsError(f"pairs file {path} holds no pairs")
