@@ -38,6 +38,16 @@ def _run(args: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
@@ -78,7 +88,7 @@ def main() -> None:
         "known_identities": len(known),
         "unseen_identities": len(unseen),
         "far_target": args.far,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
     }
     try:
         data = work / "data"
