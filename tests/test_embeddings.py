@@ -91,3 +91,24 @@ def test_unreadable_files_are_named(tmp_path, faces_data):
     good = sorted((faces_data / "orl" / "s2").iterdir())[0]
     with pytest.raises(FaceclsError, match=r"1 of 2 images could not be decoded: .*broken\.jpg"):
         compute_embeddings(embedder, [good, bad])
+
+
+def test_flip_tta_gives_the_head_the_mean_feature_of_image_and_mirror():
+    from facecls.config import ModelConfig
+    from facecls.models.registry import default_flip_tta
+
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v2", 3, HeadConfig(dropout=0.0)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(x)
+        model.flip_tta = True
+        tta = model(x)
+        expected = model.head((model.backbone(x) + model.backbone(torch.flip(x, dims=[3]))) / 2)
+    # fp32, the same convolutions on a batch of 4 instead of 2: float32 reordering noise only
+    torch.testing.assert_close(tta, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(tta, plain)
+    model.train()  # training never sees the mirror through this switch
+    assert model.features(x).shape == (2, 1280)
+    assert default_flip_tta(ModelConfig(name="sface")) and not default_flip_tta(ModelConfig(name="resnet50"))
+    assert not default_flip_tta(ModelConfig(name="sface", flip_tta=False))

@@ -44,6 +44,7 @@ def _add_other(sub) -> None:
     p.add_argument("--split", choices=["val", "test"], default="val")
     p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint file")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--no-tta", action="store_true", help="no flip test-time augmentation (default: the recipe's)")
 
     p = sub.add_parser("predict", help="predict a flat folder of images into a Kaggle submission CSV")
     p.add_argument("run", type=Path)
@@ -60,6 +61,7 @@ def _add_other(sub) -> None:
         action=argparse.BooleanOptionalAction,
         help="torch.compile the model first (default: the run's speed.compile_inference; unset: on from 5,000 images)",
     )
+    p.add_argument("--no-tta", action="store_true", help="no flip test-time augmentation (default: the recipe's)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("score", help="score a submission against a solution file (top-1 accuracy)")
@@ -215,7 +217,8 @@ def run_command(args, argv: list[str]) -> int:
     if args.command == "evaluate":
         from facecls.evaluation import evaluate_run
 
-        evaluate_run(args.run, args.split, checkpoint=args.checkpoint, batch_size=args.batch_size)
+        tta = False if args.no_tta else None
+        evaluate_run(args.run, args.split, checkpoint=args.checkpoint, batch_size=args.batch_size, tta=tta)
         return 0
     if args.command == "predict":
         from facecls.predict import predict_folder
@@ -232,6 +235,7 @@ def run_command(args, argv: list[str]) -> int:
             batch_size=args.batch_size,
             compile_inference=args.compile,
             progress=not args.no_progress,
+            tta=False if args.no_tta else None,
         )
         return 0
     if args.command == "score":

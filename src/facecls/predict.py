@@ -126,12 +126,13 @@ def predict_folder(
     batch_size: int = 128,
     compile_inference: bool | None = None,
     progress: bool = True,
+    tta: bool | None = None,
 ) -> PredictSummary:
     """One row per image (``image_name,label``), sorted by name. Rows stream to the file, so memory
     does not grow with the folder. Unreadable images fail the run up front unless skipped."""
     env = init_distributed()
     console = Console(enabled=env.is_main, progress=progress)
-    loaded = load_run(run, checkpoint, local_rank=env.local_rank)
+    loaded = load_run(run, checkpoint, local_rank=env.local_rank, tta=tta)
     paths, _ = list_flat_images(images)
     bad = broadcast_object(env, quick_check(paths) if env.is_main else None)  # every process stops, or none
     if bad and not skip_unreadable:

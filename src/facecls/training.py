@@ -44,7 +44,7 @@ from facecls.features import (
     read_store,
     store_folder,
 )
-from facecls.models.registry import FaceClassifier, create_model, get_entry, get_weight_spec
+from facecls.models.registry import FaceClassifier, create_model, default_flip_tta, get_entry, get_weight_spec
 from facecls.models.weights import load_backbone_weights, read_state_dict, resolve_weights_file
 from facecls.runs import Preprocess
 from facecls.speed import Runtime, prepare_training_model, resolve_runtime
@@ -250,6 +250,7 @@ class Trainer:
 
         torch.manual_seed(recipe.train.seed)
         model = create_model(recipe.model.name, len(self.class_names), recipe.model.head)
+        model.flip_tta = default_flip_tta(recipe.model)  # validation as evaluate and predict will see it
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             if self.micro_batch < 2 or len(self.datasets["train"]) < 2 * self.world:
                 raise FaceclsError(
@@ -312,7 +313,8 @@ class Trainer:
         t, env = self.recipe.train, self.env
         embedder = embedder_of(self.model, self.preprocess, self.runtime, self.recipe.model.name)
         stored = {}
-        for split, views in (("train", t.feature_views), ("val", 1)):
+        flip_tta = getattr(self.model, "_orig_mod", self.model).flip_tta
+        for split, views in (("train", t.feature_views), ("val", 2 if flip_tta else 1)):
             if split not in self.datasets:
                 continue
             dataset = self.datasets[split]
@@ -329,6 +331,8 @@ class Trainer:
             folder = broadcast_object(env, folder)
             if not env.is_main:
                 features = read_store(folder)
+            if split == "val" and flip_tta:  # what the model computes with flip TTA: the mean over both views
+                features = features.float().mean(0, keepdim=True).half()
             stored[split] = StoredFeatures(features, dataset.labels)
         train = feature_train_loader(stored["train"], self.micro_batch, t.seed, env.rank, self.world)
         if "val" not in stored:
