@@ -108,7 +108,9 @@ def test_flip_tta_gives_the_head_the_mean_feature_of_image_and_mirror():
     # fp32, the same convolutions on a batch of 4 instead of 2: float32 reordering noise only
     torch.testing.assert_close(tta, expected, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
-        assert float((model.features(x) - model.backbone(x)).abs().max()) > 1e-6  # the mirror did count
+        plain_features = model.backbone(x)
+        change = (model.features(x) - plain_features).abs().max() / plain_features.abs().max()
+    assert float(change) > 1e-3  # the mirror did count (an untrained net's features are tiny: relative)
     assert plain.shape == tta.shape
     model.train()  # training never sees the mirror through this switch
     assert model.features(x).shape == (2, 1280)
