@@ -116,3 +116,17 @@ def test_flip_tta_gives_the_head_the_mean_feature_of_image_and_mirror():
     assert model.features(x).shape == (2, 1280)
     assert default_flip_tta(ModelConfig(name="sface")) and not default_flip_tta(ModelConfig(name="resnet50"))
     assert not default_flip_tta(ModelConfig(name="sface", flip_tta=False))
+
+
+def test_training_images_that_do_not_look_aligned_are_warned_about(faces_data, five_celebrity_aligned):
+    from facecls.config import load_recipe
+    from facecls.training import unaligned_warning
+
+    recipe = load_recipe("sface")
+    orl = sorted((faces_data / "orl").glob("s1/*"))
+    assert "not 112x112" in unaligned_warning(recipe, faces_data / "orl", orl)
+    aligned = sorted(five_celebrity_aligned.glob("*/*.*"))
+    aligned = [p for p in aligned if p.parent != five_celebrity_aligned]
+    assert unaligned_warning(recipe, five_celebrity_aligned, orl) is None  # a prepare report is there
+    assert unaligned_warning(recipe, faces_data, aligned) is None  # all 112 x 112
+    assert unaligned_warning(load_recipe("mobilenet_v2"), faces_data / "orl", orl) is None  # no face template

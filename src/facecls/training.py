@@ -82,6 +82,34 @@ def load_pretrained(model: FaceClassifier, recipe: Recipe, offline: bool, consol
     return {"name": recipe.model.weights, **report.as_dict()}
 
 
+def unaligned_warning(recipe: Recipe, data_dir: Path, paths: list[Path], sample: int = 50) -> str | None:
+    """A warning when the recipe's weights expect aligned face crops and the training images do not look
+    like them: no ``facecls prepare`` report beside them, and sampled images not of the aligned size."""
+    from PIL import Image
+
+    size = get_entry(recipe.model.name).aligned_size
+    if size is None or recipe.model.weights == "none":
+        return None
+    if any((folder / "prepare_report.csv").is_file() for folder in (data_dir, data_dir / "train")):
+        return None
+    step = max(1, len(paths) // sample)
+    picked = paths[::step][:sample]
+    other = 0
+    for path in picked:
+        try:
+            with Image.open(path) as image:
+                other += image.size != (size, size)
+        except OSError:
+            continue
+    if not other:
+        return None
+    return (
+        f"{other} of {len(picked)} sampled training images are not {size}x{size} and {data_dir} has no "
+        f"prepare report: {recipe.model.name} expects faces aligned to its template; run "
+        f"`facecls prepare RAW_DIR ALIGNED_DIR --size {size}` first"
+    )
+
+
 def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
     """The backbone's top-level children that hold parameters, in forward order ("blocks")."""
     children = [c for c in backbone.children() if any(True for _ in c.parameters())]
@@ -247,6 +275,9 @@ class Trainer:
         )
         if "train" not in self.datasets:
             raise FaceclsError("no readable training images")
+        warning = unaligned_warning(recipe, self.data_dir, self.datasets["train"].paths)
+        if warning:
+            console.warn(warning)
 
         torch.manual_seed(recipe.train.seed)
         model = create_model(recipe.model.name, len(self.class_names), recipe.model.head)

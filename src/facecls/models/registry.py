@@ -26,6 +26,8 @@ class ModelEntry:
     description: str = ""
     flip_tta: bool = False
     """Whether evaluation and prediction use flip test-time augmentation by default (model.flip_tta: null)."""
+    aligned_size: int | None = None
+    """The side of the aligned face crops (``facecls prepare``) the pretrained weights expect, if any."""
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -38,13 +40,16 @@ def register_model(
     default_input_size: int = 224,
     description: str = "",
     flip_tta: bool = False,
+    aligned_size: int | None = None,
 ) -> Callable:
     """Decorator for a backbone builder ``() -> (module, feature_dim)``; duplicate names are refused."""
 
     def wrap(builder: Callable[[], tuple[nn.Module, int]]):
         if name in _REGISTRY:
             raise ValueError(f"model '{name}' is registered twice")
-        _REGISTRY[name] = ModelEntry(name, builder, dict(weights or {}), default_input_size, description, flip_tta)
+        _REGISTRY[name] = ModelEntry(
+            name, builder, dict(weights or {}), default_input_size, description, flip_tta, aligned_size
+        )
         return builder
 
     return wrap
