@@ -91,3 +91,42 @@ def test_unreadable_files_are_named(tmp_path, faces_data):
     good = sorted((faces_data / "orl" / "s2").iterdir())[0]
     with pytest.raises(FaceclsError, match=r"1 of 2 images could not be decoded: .*broken\.jpg"):
         compute_embeddings(embedder, [good, bad])
+
+
+def test_flip_tta_gives_the_head_the_mean_feature_of_image_and_mirror():
+    from facecls.config import ModelConfig
+    from facecls.models.registry import default_flip_tta
+
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v2", 3, HeadConfig(dropout=0.0)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(x)
+        model.flip_tta = True
+        tta = model(x)
+        expected = model.head((model.backbone(x) + model.backbone(torch.flip(x, dims=[3]))) / 2)
+    # fp32, the same convolutions on a batch of 4 instead of 2: float32 reordering noise only
+    torch.testing.assert_close(tta, expected, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        plain_features = model.backbone(x)
+        change = (model.features(x) - plain_features).abs().max() / plain_features.abs().max()
+    assert float(change) > 1e-3  # the mirror did count (an untrained net's features are tiny: relative)
+    assert plain.shape == tta.shape
+    model.train()  # training never sees the mirror through this switch
+    assert model.features(x).shape == (2, 1280)
+    assert default_flip_tta(ModelConfig(name="sface")) and not default_flip_tta(ModelConfig(name="resnet50"))
+    assert not default_flip_tta(ModelConfig(name="sface", flip_tta=False))
+
+
+def test_training_images_that_do_not_look_aligned_are_warned_about(faces_data, five_celebrity_aligned):
+    from facecls.config import load_recipe
+    from facecls.training import unaligned_warning
+
+    recipe = load_recipe("sface")
+    orl = sorted((faces_data / "orl").glob("s1/*"))
+    assert "not 112x112" in unaligned_warning(recipe, faces_data / "orl", orl)
+    aligned = sorted(five_celebrity_aligned.glob("*/*.*"))
+    aligned = [p for p in aligned if p.parent != five_celebrity_aligned]
+    assert unaligned_warning(recipe, five_celebrity_aligned, orl) is None  # a prepare report is there
+    assert unaligned_warning(recipe, faces_data, aligned) is None  # all 112 x 112
+    assert unaligned_warning(load_recipe("mobilenet_v2"), faces_data / "orl", orl) is None  # no face template

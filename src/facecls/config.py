@@ -141,6 +141,10 @@ class ModelConfig:
     """Expected SHA-256 of the weights file; a mismatch is refused."""
     head: HeadConfig = field(default_factory=HeadConfig)
     """Classification head."""
+    flip_tta: bool | None = None
+    """Evaluation and prediction: feed the backbone each image and its mirror and give the head the mean
+    of the two features (test-time augmentation); null: on for the face-embedding models that gain from it
+    (see `facecls models`), off otherwise. `--no-tta` turns it off for one evaluate/predict."""
 
 
 @dataclass

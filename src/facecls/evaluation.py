@@ -20,7 +20,7 @@ from facecls.data.transforms import Normalize
 from facecls.distributed import DistEnv, init_distributed
 from facecls.engine import evaluate
 from facecls.errors import FaceclsError
-from facecls.models.registry import FaceClassifier, create_model
+from facecls.models.registry import FaceClassifier, create_model, default_flip_tta
 from facecls.runs import Preprocess
 from facecls.speed import Runtime, resolve_runtime
 
@@ -41,8 +41,11 @@ class LoadedRun:
     checkpoint_path: Path | None = None
 
 
-def load_run(run: Path, checkpoint: str = "best", device: str | None = None, local_rank: int = 0) -> LoadedRun:
-    """Read a run folder and build its model from ``best.ckpt`` (or ``last``, or a file path)."""
+def load_run(
+    run: Path, checkpoint: str = "best", device: str | None = None, local_rank: int = 0, tta: bool | None = None
+) -> LoadedRun:
+    """Read a run folder and build its model from ``best.ckpt`` (or ``last``, or a file path). ``tta``:
+    flip test-time augmentation on or off; None: the recipe's model.flip_tta (or the model's default)."""
     run = Path(run)
     if not run.is_dir():
         raise FaceclsError(f"run folder {run} does not exist")
@@ -63,6 +66,7 @@ def load_run(run: Path, checkpoint: str = "best", device: str | None = None, loc
         torch.set_num_threads(runtime.threads)
     model = create_model(recipe.model.name, len(class_names), recipe.model.head)
     load_model_state(model, state["model"], ckpt_path)
+    model.flip_tta = default_flip_tta(recipe.model) if tta is None else tta
     memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
     model = model.to(runtime.device, memory_format=memory_format).eval()
     normalize = Normalize(preprocess.mean, preprocess.std, runtime.channels_last).to(runtime.device)
@@ -78,11 +82,12 @@ def evaluate_run(
     env: DistEnv | None = None,
     console: Console | None = None,
     quiet: bool = False,
+    tta: bool | None = None,
 ) -> dict:
     """Top-1, top-5, loss, count (+ per-class accuracy CSV); writes ``RUN/eval_<split>.json``."""
     env = env or init_distributed()
     console = console or Console(enabled=env.is_main)
-    loaded = load_run(run, checkpoint, local_rank=env.local_rank)
+    loaded = load_run(run, checkpoint, local_rank=env.local_rank, tta=tta)
     rows = read_manifest(Path(run) / "split.csv")
     if not any(r.split == split for r in rows):
         raise FaceclsError(f"run {run} has no '{split}' images in its split")
@@ -113,6 +118,7 @@ def evaluate_run(
         "epoch": int(loaded.checkpoint["epoch"]),
         "model": loaded.recipe.model.name,
         "recipe": loaded.recipe.name,
+        "flip_tta": loaded.model.flip_tta,
     }
     if env.is_main:
         from facecls.unknown import evaluate_open_set, wants_open_set

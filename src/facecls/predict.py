@@ -142,6 +142,7 @@ def predict_folder(
     batch_size: int = 128,
     compile_inference: bool | None = None,
     progress: bool = True,
+    tta: bool | None = None,
     unknown: str | None = None,
     far: float = 0.01,
 ) -> PredictSummary:
@@ -151,7 +152,7 @@ def predict_folder(
     (see facecls.unknown; "auto" measures the threshold for the false-accept rate ``far``)."""
     env = init_distributed()
     console = Console(enabled=env.is_main, progress=progress)
-    loaded = load_run(run, checkpoint, local_rank=env.local_rank)
+    loaded = load_run(run, checkpoint, local_rank=env.local_rank, tta=tta)
     open_set = None
     if unknown is not None:
         from facecls.unknown import UNKNOWN_LABEL, cosine_scale, resolve_threshold

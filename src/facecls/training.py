@@ -44,7 +44,7 @@ from facecls.features import (
     read_store,
     store_folder,
 )
-from facecls.models.registry import FaceClassifier, create_model, get_entry, get_weight_spec
+from facecls.models.registry import FaceClassifier, create_model, default_flip_tta, get_entry, get_weight_spec
 from facecls.models.weights import load_backbone_weights, read_state_dict, resolve_weights_file
 from facecls.runs import Preprocess
 from facecls.speed import Runtime, prepare_training_model, resolve_runtime
@@ -80,6 +80,34 @@ def load_pretrained(model: FaceClassifier, recipe: Recipe, offline: bool, consol
     report = load_backbone_weights(model.backbone, state, str(file), sha256_file(file))
     console.log(f"weights {recipe.model.weights}: {report.summary()}")
     return {"name": recipe.model.weights, **report.as_dict()}
+
+
+def unaligned_warning(recipe: Recipe, data_dir: Path, paths: list[Path], sample: int = 50) -> str | None:
+    """A warning when the recipe's weights expect aligned face crops and the training images do not look
+    like them: no ``facecls prepare`` report beside them, and sampled images not of the aligned size."""
+    from PIL import Image
+
+    size = get_entry(recipe.model.name).aligned_size
+    if size is None or recipe.model.weights == "none":
+        return None
+    if any((folder / "prepare_report.csv").is_file() for folder in (data_dir, data_dir / "train")):
+        return None
+    step = max(1, len(paths) // sample)
+    picked = paths[::step][:sample]
+    other = 0
+    for path in picked:
+        try:
+            with Image.open(path) as image:
+                other += image.size != (size, size)
+        except OSError:
+            continue
+    if not other:
+        return None
+    return (
+        f"{other} of {len(picked)} sampled training images are not {size}x{size} and {data_dir} has no "
+        f"prepare report: {recipe.model.name} expects faces aligned to its template; run "
+        f"`facecls prepare RAW_DIR ALIGNED_DIR --size {size}` first"
+    )
 
 
 def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
@@ -247,9 +275,13 @@ class Trainer:
         )
         if "train" not in self.datasets:
             raise FaceclsError("no readable training images")
+        warning = unaligned_warning(recipe, self.data_dir, self.datasets["train"].paths)
+        if warning:
+            console.warn(warning)
 
         torch.manual_seed(recipe.train.seed)
         model = create_model(recipe.model.name, len(self.class_names), recipe.model.head)
+        model.flip_tta = default_flip_tta(recipe.model)  # validation as evaluate and predict will see it
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             if self.micro_batch < 2 or len(self.datasets["train"]) < 2 * self.world:
                 raise FaceclsError(
@@ -312,7 +344,8 @@ class Trainer:
         t, env = self.recipe.train, self.env
         embedder = embedder_of(self.model, self.preprocess, self.runtime, self.recipe.model.name)
         stored = {}
-        for split, views in (("train", t.feature_views), ("val", 1)):
+        flip_tta = getattr(self.model, "_orig_mod", self.model).flip_tta
+        for split, views in (("train", t.feature_views), ("val", 2 if flip_tta else 1)):
             if split not in self.datasets:
                 continue
             dataset = self.datasets[split]
@@ -329,6 +362,8 @@ class Trainer:
             folder = broadcast_object(env, folder)
             if not env.is_main:
                 features = read_store(folder)
+            if split == "val" and flip_tta:  # what the model computes with flip TTA: the mean over both views
+                features = features.float().mean(0, keepdim=True).half()
             stored[split] = StoredFeatures(features, dataset.labels)
         train = feature_train_loader(stored["train"], self.micro_batch, t.seed, env.rank, self.world)
         if "val" not in stored:

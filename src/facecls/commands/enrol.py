@@ -110,7 +110,7 @@ def enrol_run(
     out: Path,
     *,
     checkpoint: str = "best",
-    flip: bool = False,
+    flip: bool | None = None,
     detect: bool = False,
     detector: Path | None = None,
     margin: float = 0.0,
@@ -118,7 +118,7 @@ def enrol_run(
     progress: bool = True,
 ) -> EnrolSummary:
     """Write NEW_RUN = ``run`` + the identities of ``data/<identity>/*`` (see the module docstring).
-    ``flip`` embeds each image with its mirror (off by default: prediction embeds images unflipped)."""
+    ``flip`` embeds each image with its mirror; None: as the run predicts (its flip test-time augmentation)."""
     from facecls.evaluation import load_run
 
     started = time.perf_counter()
@@ -132,6 +132,8 @@ def enrol_run(
         raise FaceclsError(f"--data {data} does not exist (expected {data}/<identity>/<image>)")
     loaded = load_run(run, checkpoint)
     kind = gallery_kind(loaded.model)
+    if flip is None:
+        flip = bool(getattr(loaded.model, "flip_tta", False))
     data = data.absolute()
     samples, skipped = scan_identity_folders(data.parent, data.name)
     if not samples:
