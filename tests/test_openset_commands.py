@@ -346,6 +346,12 @@ def test_enrol_into_knn_gallery_and_cosine_head(
     for image in madonna[10:]:
         shutil.copy(image, probes / image.name)
     shutil.copytree(five_celebrity_aligned / "ben_afflek", new_dir / "ben_afflek")  # more of a known person
+    if recipe == "sface_knn":  # before enrolment madonna is unknown: judged by her nearest gallery face
+        unseen = tmp_path / "unseen.csv"
+        args = ["predict", str(run), "--images", str(probes), "--out", str(unseen), "--unknown", "auto"]
+        assert main([*args, "--far", "0.05", "--no-progress"]) == 0
+        labels = [r["label"] for r in csv.DictReader(open(unseen))]
+        assert labels.count("unknown") >= 0.75 * len(labels), labels
     enrolled = tmp_path / "enrolled"
     assert main(["enrol", str(run), "--data", str(new_dir), "--out", str(enrolled), "--no-progress"]) == 0
     record = json.loads((enrolled / "enrol.json").read_text())

@@ -20,6 +20,7 @@ from facecls.distributed import broadcast_object, gather_objects, init_distribut
 from facecls.errors import FaceclsError
 from facecls.evaluation import load_run
 from facecls.speed import CompiledInference, Runtime, fold_batchnorm, use_compiled_inference
+from facecls.unknown import UNKNOWN_LABEL, best_scores, class_scores
 
 
 @dataclass
@@ -109,23 +110,21 @@ def predict_batches(
     loader: DataLoader,
     normalize: torch.nn.Module,
     runtime: Runtime,
-    unknown: tuple[float | None, float] | None = None,
+    unknown: float | None = None,
 ):
     """Yield ``(predicted class indices, dataset indices, statuses)`` per batch (model in eval mode).
-    With ``unknown=(cosine scale, threshold)``, an image whose best score is below the threshold gets
-    class -1: the score is the top cosine (logits / scale), or the top probability when the scale is None."""
+    With an ``unknown`` threshold, an image whose score (see facecls.unknown.class_scores) is below it
+    gets class -1."""
     for images_u8, idx, status in loader:
         x = normalize(images_u8)
-        with runtime.autocast():
-            logits = model(x)
         if unknown is None:
-            pred = logits.argmax(1).cpu().tolist()
+            with runtime.autocast():
+                pred = model(x).argmax(1).cpu().tolist()
         else:
-            scale, threshold = unknown
-            logits = logits.float()
-            scores = logits / scale if scale is not None else torch.softmax(logits, dim=1)
-            best, top = scores.max(dim=1)
-            pred = torch.where(best.double() >= threshold, top, -1).cpu().tolist()
+            with runtime.autocast():
+                logits, scores = class_scores(model, x)
+            best, top = best_scores(model, logits, scores)
+            pred = torch.where(best.double() >= unknown, top, -1).cpu().tolist()
         yield pred, idx.tolist(), status
 
 
@@ -155,12 +154,12 @@ def predict_folder(
     loaded = load_run(run, checkpoint, local_rank=env.local_rank, tta=tta)
     open_set = None
     if unknown is not None:
-        from facecls.unknown import UNKNOWN_LABEL, cosine_scale, resolve_threshold
+        from facecls.unknown import resolve_threshold
 
         if UNKNOWN_LABEL in loaded.class_names:
             raise FaceclsError(f"run {run} has a class named '{UNKNOWN_LABEL}'; --unknown cannot label faces with it")
         threshold = resolve_threshold(loaded, unknown, far, console=console) if env.is_main else None
-        open_set = (cosine_scale(loaded.model), broadcast_object(env, threshold))
+        open_set = broadcast_object(env, threshold)
     paths, _ = list_flat_images(images)
     bad = broadcast_object(env, quick_check(paths) if env.is_main else None)  # every process stops, or none
     if bad and not skip_unreadable:
@@ -197,7 +196,7 @@ def predict_folder(
                     continue
                 if s == "no-face":
                     no_face.append(name)
-                label = loaded.class_names[p] if p >= 0 else "unknown"
+                label = loaded.class_names[p] if p >= 0 else UNKNOWN_LABEL
                 if writer:
                     writer.writerow([name, label])
                     written += 1

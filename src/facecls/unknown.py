@@ -1,15 +1,18 @@
 """Unknown faces for a trained run: the score a prediction is judged by, and its threshold.
 
-A prediction's score is the cosine similarity of the face to its best class for embedding classifiers
-(heads that compare L2-normalised features with L2-normalised class vectors), and the top softmax
-probability otherwise. A face scoring below the threshold is labelled ``unknown``.
+A prediction's score is the cosine similarity of the face to its class for embedding classifiers (to
+the class vector of a nearest-mean, cosine, arcface or cosface head; to the class's most similar gallery
+face for kNN), and the top softmax probability otherwise. A face scoring below the threshold is labelled ``unknown``.
 
 The threshold is measured, not guessed (``--unknown auto``): on the run's validation split, the
 validation identities are dealt into up to 5 groups, and in each round one group is taken out of the
 gallery, so its images become faces of people the classifier has never seen (impostors) while the
 others stay known. The threshold is the lowest one whose false-accept rate on those impostors is at
 most the target (``--far``); it is written to ``RUN/openset.json`` with the measured TAR, and reused
-while the checkpoint and the FAR stay the same.
+while the checkpoint and the FAR stay the same. A trained head (linear, cosine, margin) has seen the
+held-out identities as negatives during training, which pushes their scores down, so on never-seen
+faces its false-accept rate comes out higher than measured; a nearest-mean gallery (and enrolled
+identities) has no such bias.
 """
 
 from __future__ import annotations
@@ -28,14 +31,23 @@ OPENSET_FILE = "openset.json"
 UNKNOWN_LABEL = "unknown"
 
 
-def _head(model: torch.nn.Module) -> torch.nn.Module:
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The FaceClassifier inside compiled-inference, torch.compile and DDP wrappers."""
+    model = getattr(model, "eager", model)
     model = getattr(model, "_orig_mod", model)
-    return getattr(getattr(model, "module", model), "head", None)
+    return getattr(model, "module", model)
+
+
+def _head(model: torch.nn.Module) -> torch.nn.Module | None:
+    return getattr(_unwrap(model), "head", None)
+
+
+def _is_gallery(head: torch.nn.Module | None) -> bool:
+    return isinstance(getattr(head, "gallery", None), torch.Tensor) and hasattr(head, "gallery_labels")
 
 
 def cosine_scale(model: torch.nn.Module) -> float | None:
-    """The scale s of a head whose logits are s * cos (cosine, arcface, cosface, nearest mean), or None for
-    a head judged by its top probability (linear; kNN, whose softmax is the neighbours' vote share)."""
+    """The scale s of a head whose logits are s * cos (cosine, arcface, cosface, nearest mean), else None."""
     head = _head(model)
     is_cosine = hasattr(head, "cosines") or isinstance(getattr(head, "means", None), torch.Tensor)
     if head is not None and is_cosine and hasattr(head, "scale"):
@@ -44,15 +56,41 @@ def cosine_scale(model: torch.nn.Module) -> float | None:
 
 
 def score_kind(model: torch.nn.Module) -> str:
-    return "cosine" if cosine_scale(model) is not None else "probability"
+    """ "cosine" (to class vectors, or to the nearest gallery face of a kNN head) or "probability"."""
+    return "cosine" if cosine_scale(model) is not None or _is_gallery(_head(model)) else "probability"
 
 
-def best_scores(model: torch.nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(best score, class index)`` per row of ``logits``: the top cosine, or the top probability."""
-    logits = logits.float()
+def _nearest_cosines(head: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """N x C: each face's cosine to the most similar gallery face of each class (-1 for a class without any)."""
+    unit = torch.nn.functional.normalize(features.float(), dim=1)
+    similarity = (unit @ head.gallery.float().T).float()  # autocast computes the product in bf16
+    out = torch.full((unit.shape[0], int(head.num_classes)), -1.0, device=unit.device)
+    labels = head.gallery_labels.to(unit.device).unsqueeze(0).expand(unit.shape[0], -1)
+    return out.scatter_reduce_(1, labels, similarity, reduce="amax")
+
+
+def class_scores(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, scores)`` of a normalised batch, both N x C float32. The scores are what an unknown face
+    is judged by: cosines to the class vectors, for a kNN head the cosine to each class's nearest gallery
+    face, else the logits (whose softmax is the probability)."""
+    head = _head(model)
+    if _is_gallery(head):
+        features = _unwrap(model).features(x)
+        return head(features).float(), _nearest_cosines(head, features)
+    logits = model(x).float()
     scale = cosine_scale(model)
-    scores = logits / scale if scale is not None else torch.softmax(logits, dim=1)
-    return scores.max(dim=1)
+    return logits, (logits / scale if scale is not None else logits)
+
+
+def best_scores(
+    model: torch.nn.Module, logits: torch.Tensor, scores: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(best score, predicted class)`` per row: the class is the classifier's, the score its score
+    (a probability when the model is judged by probability)."""
+    predicted = logits.argmax(1)
+    if score_kind(model) == "probability":
+        scores = torch.softmax(scores, dim=1)
+    return scores.gather(1, predicted[:, None])[:, 0], predicted
 
 
 @torch.inference_mode()
@@ -87,16 +125,15 @@ def heldout_probes(
     )
     dataset = data.datasets[split]
     class_group = identity_groups(dataset.labels, len(loaded.class_names))
-    softmax = cosine_scale(loaded.model) is None
-    scale = cosine_scale(loaded.model) or 1.0
+    softmax = score_kind(loaded.model) == "probability"
     loader = eval_loader(dataset, batch_size or 128, env, loaded.runtime)
     model = loaded.model.eval()
     bests, predicted, labels = [], [], []
     bar = (console or Console(progress=False)).progress(f"unknown faces ({split})", len(dataset))
     for images, batch_labels, _ in loader:
         with loaded.runtime.autocast():
-            logits = model(loaded.normalize(images)).float()
-        best, pred = heldout_best((logits / scale).cpu().numpy(), class_group, softmax)
+            _, scores = class_scores(model, loaded.normalize(images))
+        best, pred = heldout_best(scores.cpu().numpy(), class_group, softmax)
         bests.append(best)
         predicted.append(pred)
         labels.append(batch_labels.numpy())
@@ -195,4 +232,4 @@ def evaluate_open_set(loaded, split: str, *, batch_size: int | None = None, cons
 
 def wants_open_set(loaded) -> bool:
     """Evaluate reports open-set numbers for embedding classifiers, and for any run with a threshold."""
-    return cosine_scale(loaded.model) is not None or (Path(loaded.run) / OPENSET_FILE).is_file()
+    return score_kind(loaded.model) == "cosine" or (Path(loaded.run) / OPENSET_FILE).is_file()
