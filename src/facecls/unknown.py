@@ -97,7 +97,9 @@ def best_scores(
 def heldout_probes(
     loaded, split: str, *, batch_size: int | None = None, console: Console | None = None
 ) -> HeldOutProbes:
-    """The held-out protocol on ``split`` of a loaded run (see the module docstring)."""
+    """The held-out protocol on ``split`` of a loaded run (see the module docstring). In each round a
+    face's class is the best-scoring class left in the gallery (for kNN: its nearest gallery face's,
+    which is the k-vote's class for all but borderline faces)."""
     from facecls.data.pipeline import build_datasets, eval_loader
     from facecls.data.split import read_manifest
     from facecls.distributed import DistEnv
