@@ -61,9 +61,10 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def _stores() -> dict[int, Path]:
+    """Stored feature files by their number of images."""
     from facecls.download import cache_dir
 
-    return {int(np.load(f, mmap_mode="r").shape[0]): f for f in (cache_dir() / "features").glob("*/features.npy")}
+    return {int(np.load(f, mmap_mode="r").shape[1]): f for f in (cache_dir() / "features").glob("*/features.npy")}
 
 
 def test_stored_features_equal_fresh_ones_and_a_second_run_reuses_them(celeb, tmp_path):
@@ -72,10 +73,10 @@ def test_stored_features_equal_fresh_ones_and_a_second_run_reuses_them(celeb, tm
     assert {r["phase"] for r in rows} == {"features"} and 1 <= len(rows) <= 6
     assert first.best_val_acc >= 0.8
     stores = _stores()
-    assert set(stores) == {2, 1}  # train: image + mirror; val: the image
-    stored = torch.from_numpy(np.load(stores[2]))
     with open(tmp_path / "first" / "split.csv", newline="") as handle:
         paths = [celeb / r["path"] for r in csv.DictReader(handle) if r["split"] == "train"]
+    assert len(stores) == 2  # train, and val (the image and its mirror: sface evaluates with flip TTA)
+    stored = torch.from_numpy(np.load(stores[len(paths)]))
     assert stored.shape == (2, len(paths), 128)
 
     embedder = load_embedder("sface", "opencv-zoo-int8bq", offline=True, speed=SpeedConfig(precision="fp32"))
@@ -91,9 +92,9 @@ def test_stored_features_equal_fresh_ones_and_a_second_run_reuses_them(celeb, tm
     torch.testing.assert_close(stored[0].float(), fresh, rtol=2**-10, atol=2**-11 * scale)
     torch.testing.assert_close(stored[1, :4].float(), fresh_mirror, rtol=2**-10, atol=2**-11 * scale)
 
-    written = stores[2].stat().st_mtime_ns
+    written = stores[len(paths)].stat().st_mtime_ns
     train(_recipe(), celeb, tmp_path / "second", progress=False)
-    assert _stores() == stores and stores[2].stat().st_mtime_ns == written  # reused, not rewritten
+    assert _stores() == stores and stores[len(paths)].stat().st_mtime_ns == written  # reused, not rewritten
     assert _metrics(tmp_path / "second") == rows
 
 

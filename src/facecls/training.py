@@ -303,7 +303,7 @@ class Trainer:
         self.scaler = self.runtime.grad_scaler()
         self.criterion = nn.CrossEntropyLoss(label_smoothing=recipe.train.label_smoothing)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.best_val_acc = -1.0
+        self.best_val_acc, self.best_val_loss = -1.0, math.inf
         self.head_phase, self.best_phase, self.phase = HeadPhase(), "", None
         self.partial = RunningStats()
         if resume_state is not None:
@@ -431,6 +431,7 @@ class Trainer:
             "global_step": self.global_step,
             "partial": [stats.loss_sum, stats.correct, stats.count] if stats else [0.0, 0.0, 0.0],
             "best_val_acc": self.best_val_acc,
+            "best_val_loss": self.best_val_loss,
             "head_phase": dataclasses.asdict(self.head_phase),
             "phase": self.phase,
             "best_phase": self.best_phase,
@@ -455,6 +456,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.global_step, self.best_val_acc = int(state["global_step"]), float(state["best_val_acc"])
+        self.best_val_loss = float(state.get("best_val_loss", math.inf))
         self.head_phase = HeadPhase(**state.get("head_phase", {}))
         self.best_phase = str(state.get("best_phase", ""))
         if self.env.is_main:
@@ -596,6 +598,7 @@ class Trainer:
         val = evaluate(self.eval_model, self.val_loader, self.runtime, self.normalize, env) if self.val_loader else None
         val_metrics = val.metrics(len(self.class_names)) if val is not None else None
         monitor = val_metrics["top1"] if val_metrics else train_stats.accuracy
+        monitor_loss = val_metrics["loss"] if val_metrics else train_stats.loss
         lr = self.optimizer.param_groups[0]["lr"]
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(monitor)
@@ -604,7 +607,7 @@ class Trainer:
         self.epoch += 1
         self.step_in_epoch = 0
         if self.phase == "features":
-            self.head_phase.record(monitor, val_metrics["loss"] if val_metrics else train_stats.loss, t)
+            self.head_phase.record(monitor, monitor_loss, t)
             self.head_phase.done |= self.eval_model.fits_without_gradients  # a second fit changes nothing
         images = train_stats.count
         row = {
@@ -619,9 +622,11 @@ class Trainer:
             "seconds": round(seconds, 2),
             "train_img_per_s": round(images / max(seconds, 1e-9), 2),
         }
-        improved = monitor > self.best_val_acc
+        # Equal top-1 at a lower loss counts too: a small validation set reaches 100% long before the head
+        # has converged, and the first epoch at 100% would otherwise stay the best checkpoint.
+        improved = monitor > self.best_val_acc or (monitor == self.best_val_acc and monitor_loss < self.best_val_loss)
         if improved:
-            self.best_val_acc, self.best_phase = monitor, self.phase
+            self.best_val_acc, self.best_val_loss, self.best_phase = monitor, monitor_loss, self.phase
         if env.is_main:
             runs.append_metrics(self.run / "metrics.csv", row)
             runs.plot_curves(self.run / "metrics.csv", self.run / "curves.png")
