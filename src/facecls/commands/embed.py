@@ -4,7 +4,9 @@ search, and the helpers the other embedding commands (verify, enrol) share: whic
 Output: ``FILE.npy`` (N x D float32) with ``FILE.names.txt`` (the relative path of each row, one a line,
 in row order), or ``FILE.parquet`` (columns ``path`` and ``embedding``) when pyarrow is installed. Rows
 stream to disk batch by batch, so memory does not grow with the folder. Images that cannot be decoded get
-no row: they are counted, listed on the console and written to ``FILE.unreadable.txt``.
+no row: they are counted, listed on the console and written to ``FILE.unreadable.txt``. With
+``--detect`` each photo is detected and aligned as ``facecls prepare`` does; a photo without a face is
+embedded from a centre crop (``facecls prepare`` lists those, when a list is wanted).
 """
 
 from __future__ import annotations
@@ -241,11 +243,17 @@ def embed_folder(
     paths, not_images = find_images(images)
     if not paths:
         raise FaceclsError(f"no images found under {images}")
+    relative = [p.relative_to(images).as_posix() for p in paths]
+    multiline = [r for r in relative if "\n" in r or "\r" in r] if out.suffix.lower() == ".npy" else []
+    if multiline:
+        raise FaceclsError(
+            f"{len(multiline)} image paths hold a line break, which a names file cannot list: "
+            f"{list_for_error([repr(r) for r in multiline])}; rename them"
+        )
     embedder = open_embedder(run, model, weights=weights, checkpoint=checkpoint, offline=offline, device=device)
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = _writer(out)
-    relative = [p.relative_to(images).as_posix() for p in paths]
-    unreadable, no_face = [], []
+    unreadable: list[str] = []
     try:
         for indices, vectors, statuses in stream_embeddings(
             embedder,
@@ -259,7 +267,6 @@ def embed_folder(
         ):
             keep = [k for k, s in enumerate(statuses) if s != "unreadable"]
             unreadable += [relative[indices[k]] for k, s in enumerate(statuses) if s == "unreadable"]
-            no_face += [relative[indices[k]] for k, s in enumerate(statuses) if s == "no-face"]
             if keep:
                 writer.write([relative[indices[k]] for k in keep], vectors[keep])
         writer.close(embedder.feature_dim)
@@ -277,8 +284,6 @@ def embed_folder(
         bad_list.unlink(missing_ok=True)
     if not_images:
         console.warn(f"{len(not_images)} files are not images by name and were left out: {list_for_error(not_images)}")
-    if no_face:
-        console.warn(f"no face found in {len(no_face)} images (embedded from a centre crop): {list_for_error(no_face)}")
     summary = EmbedSummary(out, writer.names_path, writer.count, embedder.feature_dim, unreadable, not_images)
     names = f" and {summary.names}" if summary.names else ""
     console.print_result(f"wrote {summary.rows} embeddings ({summary.dim}-d) to {out}{names}")
