@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -34,6 +35,7 @@ from facecls.data.transforms import Normalize
 from facecls.distributed import DistEnv, barrier, convert_sync_batchnorm, init_distributed
 from facecls.engine import RunningStats, StepContext, evaluate, train_one_epoch
 from facecls.errors import FaceclsError
+from facecls.features import StoredFeatures, ToDevice, feature_eval_loader, feature_train_loader, load_or_compute
 from facecls.models.registry import FaceClassifier, create_model, get_entry, get_weight_spec
 from facecls.models.weights import load_backbone_weights, read_state_dict, resolve_weights_file
 from facecls.runs import Preprocess
@@ -130,6 +132,45 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe):
     return None
 
 
+def uses_stored_features(train: TrainConfig) -> bool:
+    """The head trains on stored features whenever the backbone is frozen (see train.feature_views)."""
+    return train.feature_views > 0 and (train.frozen_epochs > 0 or train.unfreeze == "none")
+
+
+@dataclass
+class HeadPhase:
+    """Progress of the stored-feature phase (kept in checkpoints, so a resumed run continues it)."""
+
+    epochs: int = 0
+    best: float = -1.0
+    best_loss: float = math.inf
+    since_best: int = 0
+    done: bool = False
+
+    def record(self, monitor: float, loss: float, train: TrainConfig) -> None:
+        """One more epoch; better means a higher top-1, or the same top-1 at a lower loss (a small
+        validation set reaches 100% long before the head has converged)."""
+        self.epochs += 1
+        if monitor > self.best or (monitor == self.best and loss < self.best_loss):
+            self.best, self.best_loss, self.since_best = monitor, loss, 0
+        else:
+            self.since_best += 1
+        self.done = self.since_best >= train.head_patience or self.epochs >= train.head_max_epochs
+
+
+def next_phase(train: TrainConfig, epoch: int, head: HeadPhase) -> str | None:
+    """The phase of epoch ``epoch`` (0-based): "features" (head on stored features), "frozen" (head on
+    images, backbone frozen), "finetune"; None once training is over."""
+    if uses_stored_features(train):
+        if not head.done:
+            return "features"
+        finetune_epochs = 0 if train.unfreeze == "none" else train.epochs - train.frozen_epochs
+        return "finetune" if epoch - head.epochs < finetune_epochs else None
+    if epoch >= train.epochs:
+        return None
+    return "frozen" if epoch < train.frozen_epochs or train.unfreeze == "none" else "finetune"
+
+
 @dataclass
 class TrainResult:
     run: Path
@@ -223,6 +264,7 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=recipe.train.label_smoothing)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_val_acc = -1.0
+        self.head_phase, self.best_phase, self.phase = HeadPhase(), "", None
         self.partial = RunningStats()
         if resume_state is not None:
             self._restore(resume_state)
@@ -233,10 +275,55 @@ class Trainer:
             if "val" in self.datasets
             else None
         )
-        steps = math.ceil(self.train_loader.sampler.samples_per_epoch() / recipe.train.batch_size)
-        self.steps_per_epoch = min(steps, recipe.train.max_steps_per_epoch or steps)
+        self.steps_per_epoch = self._steps(self.train_loader)
+        self.eval_model, self.image_phase = self.model, (self.train_loader, self.val_loader, self.normalize)
         if env.is_main:
             self._write_run_json()
+
+    def _steps(self, loader) -> int:
+        steps = math.ceil(loader.sampler.samples_per_epoch() / self.recipe.train.batch_size)
+        return min(steps, self.recipe.train.max_steps_per_epoch or steps)
+
+    def _use_phase(self, phase: str) -> None:
+        """Loaders, input step and evaluated module of ``phase``: stored features for "features"."""
+        if phase != "features":
+            self.train_loader, self.val_loader, self.normalize = self.image_phase
+            self.eval_model = self.model
+        else:
+            self.train_loader, self.val_loader = self._feature_loaders()
+            self.normalize = ToDevice(self.runtime.device)
+            self.eval_model = getattr(self.model, "_orig_mod", self.model).head
+        self.steps_per_epoch = self._steps(self.train_loader)
+
+    def _feature_loaders(self):
+        """Stored features of the training images (``train.feature_views`` views) and of the validation
+        images (the image itself), computed once by rank 0 and reused from the cache afterwards."""
+        from facecls.download import cache_dir
+        from facecls.embeddings import embedder_of
+
+        t, env = self.recipe.train, self.env
+        embedder = embedder_of(self.model, self.preprocess, self.runtime, self.recipe.model.name)
+        stored = {}
+        for split, views in (("train", t.feature_views), ("val", 1)):
+            if split not in self.datasets:
+                continue
+            dataset = self.datasets[split]
+            kwargs = dict(views=views, seed=t.seed, cache_root=cache_dir(), batch_size=self.micro_batch * 2)
+            if env.is_main:
+                started = time.perf_counter()
+                features, reused = load_or_compute(embedder, dataset, console=self.console, **kwargs)
+                self.console.log(
+                    f"{split} features: {len(dataset)} images x {views} view(s) "
+                    + ("reused from the cache" if reused else f"computed in {time.perf_counter() - started:.1f} s")
+                )
+            barrier(env)
+            if not env.is_main:
+                features, _ = load_or_compute(embedder, dataset, **kwargs)
+            stored[split] = StoredFeatures(features, dataset.labels)
+        train = feature_train_loader(stored["train"], self.micro_batch, t.seed, env.rank, self.world)
+        if "val" not in stored:
+            return train, None
+        return train, feature_eval_loader(stored["val"], self.micro_batch * 2, env.rank, self.world)
 
     def _write_run_json(self) -> None:
         t = self.recipe.train
@@ -280,6 +367,9 @@ class Trainer:
             "global_step": self.global_step,
             "partial": [stats.loss_sum, stats.correct, stats.count] if stats else [0.0, 0.0, 0.0],
             "best_val_acc": self.best_val_acc,
+            "head_phase": dataclasses.asdict(self.head_phase),
+            "phase": self.phase,
+            "best_phase": self.best_phase,
             "rng": rng_state(),
             "config": recipe_to_dict(self.recipe),
             "class_names": self.class_names,
@@ -301,6 +391,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.global_step, self.best_val_acc = int(state["global_step"]), float(state["best_val_acc"])
+        self.head_phase = HeadPhase(**state.get("head_phase", {}))
+        self.best_phase = str(state.get("best_phase", ""))
         if self.env.is_main:
             self.partial = RunningStats(*state["partial"])
         set_rng_state(state["rng"])
@@ -339,13 +431,21 @@ class Trainer:
             f"continue with `facecls train --resume {self.run}`"
         )
 
-    def _wrap(self) -> nn.Module:
+    def _wrap(self, module: nn.Module) -> nn.Module:
         """DDP wrapper for the current trainable set. Re-wrapped when the phase changes, because DDP
         fixes the parameters it synchronises when it is constructed."""
         if not self.env.enabled:
-            return self.model
+            return module
         device_ids = [self.env.local_rank] if self.runtime.device.startswith("cuda") else None
-        return nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+    def planned_epochs(self) -> int:
+        """Epochs of the whole run as far as known: a stored-feature phase counts at most its cap until it ends."""
+        t = self.recipe.train
+        if not uses_stored_features(t):
+            return t.epochs
+        head = self.head_phase.epochs if self.head_phase.done else t.head_max_epochs
+        return head + (0 if t.unfreeze == "none" else t.epochs - t.frozen_epochs)
 
     def fit(self) -> TrainResult:
         t, console = self.recipe.train, self.console
@@ -353,27 +453,34 @@ class Trainer:
             torch.manual_seed(t.seed + self.env.rank)
         if self.runtime.compile:
             self.model = torch.compile(self.model)
-        if self.epoch < t.epochs:
+        if next_phase(t, self.epoch, self.head_phase) is not None:
+            head = (
+                f"head on stored features ({t.feature_views} view(s)) until validation stops improving, "
+                if uses_stored_features(t)
+                else f"{t.frozen_epochs} frozen, "
+            )
             console.log(
-                f"training {self.recipe.name}: {t.epochs} epochs ({t.frozen_epochs} frozen), "
-                f"{self.steps_per_epoch} steps/epoch, batch {t.batch_size} = {self.world} process(es) x "
+                f"training {self.recipe.name}: {head}up to {self.planned_epochs()} epochs, "
+                f"{self.steps_per_epoch} image steps/epoch, batch {t.batch_size} = {self.world} process(es) x "
                 f"{self.micro_batch} x {t.grad_accum} accumulation; {self.runtime.device}, {self.runtime.precision}"
                 f"{', channels_last' if self.runtime.channels_last else ''}"
             )
-        wrapped, phase = None, None
+        wrapped, self.phase = None, None
         with self._stop_at_step_boundary():
-            while self.epoch < t.epochs:
-                frozen = self.epoch < t.frozen_epochs
-                if phase != frozen:
-                    set_phase(self.model, frozen, t)
-                    wrapped, phase = self._wrap(), frozen
-                    if not frozen and self.epoch == t.frozen_epochs and self.step_in_epoch == 0:
+            while (phase := next_phase(t, self.epoch, self.head_phase)) is not None:
+                if phase != self.phase:
+                    set_phase(self.model, phase != "finetune", t)
+                    self._use_phase(phase)
+                    self.phase = phase
+                    wrapped = self._wrap(self.eval_model)
+                    finetune_start = self.head_phase.epochs if uses_stored_features(t) else t.frozen_epochs
+                    if phase == "finetune" and self.epoch == finetune_start and self.step_in_epoch == 0:
                         if self.recipe.optim.finetune_lr is not None:
                             for group in self.optimizer.param_groups:
                                 group["lr"] = self.recipe.optim.finetune_lr
                 self._run_epoch(wrapped)
         final = self._finish()
-        return TrainResult(self.run, t.epochs, self.best_val_acc, final)
+        return TrainResult(self.run, self.epoch, self.best_val_acc, final)
 
     def _run_epoch(self, model: nn.Module) -> None:
         t, env = self.recipe.train, self.env
@@ -382,7 +489,7 @@ class Trainer:
         stats, self.partial = self.partial, RunningStats()
         started = time.perf_counter()
         total = self.steps_per_epoch
-        bar = self.console.progress(f"epoch {self.epoch + 1}/{t.epochs}", total, start)
+        bar = self.console.progress(f"epoch {self.epoch + 1}/{self.planned_epochs()} ({self.phase})", total, start)
 
         def after_step(step: int, running: RunningStats) -> None:
             self.step_in_epoch = step
@@ -404,6 +511,7 @@ class Trainer:
             self.scaler,
             grad_accum=t.grad_accum,
             max_steps=total,
+            pass_labels=getattr(self.model, "_orig_mod", self.model).head.takes_labels,
             after_step=after_step,
         )
         try:
@@ -418,7 +526,7 @@ class Trainer:
             bar.close()
         train_stats = stats.reduced(env)
         seconds = time.perf_counter() - started
-        val = evaluate(self.model, self.val_loader, self.runtime, self.normalize, env) if self.val_loader else None
+        val = evaluate(self.eval_model, self.val_loader, self.runtime, self.normalize, env) if self.val_loader else None
         val_metrics = val.metrics(len(self.class_names)) if val is not None else None
         monitor = val_metrics["top1"] if val_metrics else train_stats.accuracy
         lr = self.optimizer.param_groups[0]["lr"]
@@ -428,10 +536,12 @@ class Trainer:
             self.scheduler.step()
         self.epoch += 1
         self.step_in_epoch = 0
+        if self.phase == "features":
+            self.head_phase.record(monitor, val_metrics["loss"] if val_metrics else train_stats.loss, t)
         images = train_stats.count
         row = {
             "epoch": self.epoch,
-            "phase": "frozen" if self.epoch <= t.frozen_epochs else "finetune",
+            "phase": self.phase,
             "train_loss": round(train_stats.loss, 6),
             "train_acc": round(train_stats.accuracy, 6),
             "val_loss": round(val_metrics["loss"], 6) if val_metrics else "",
@@ -443,12 +553,13 @@ class Trainer:
         }
         improved = monitor > self.best_val_acc
         if improved:
-            self.best_val_acc = monitor
+            self.best_val_acc, self.best_phase = monitor, self.phase
         if env.is_main:
             runs.append_metrics(self.run / "metrics.csv", row)
             runs.plot_curves(self.run / "metrics.csv", self.run / "curves.png")
         self.console.log(
-            f"epoch {self.epoch}/{t.epochs}  train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}%"
+            f"epoch {self.epoch}/{self.planned_epochs()} ({self.phase})  "
+            f"train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}%"
             + (f"  val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}%" if val_metrics else "")
             + f"  lr {lr:.2e}  {row['train_img_per_s']:.1f} img/s"
             + ("  (best)" if improved else "")
@@ -457,7 +568,7 @@ class Trainer:
             self.save("best.ckpt")
         self.save("last.ckpt")
         barrier(env)
-        if self.stop_requested and self.epoch < t.epochs:
+        if self.stop_requested and next_phase(t, self.epoch, self.head_phase) is not None:
             raise self._stopped()
 
     def _finish(self) -> dict:
@@ -471,7 +582,9 @@ class Trainer:
             info = runs.read_run_info(self.run)
             runs.write_json(self.run / "run.json", {**info, "completed": True})
             text = ", ".join(f"{k} top-1 {100 * v['top1']:.2f}%" for k, v in results.items())
-            self.console.log(f"done: best checkpoint {self.run / 'best.ckpt'}; {text}")
+            best = load_checkpoint(self.run / "best.ckpt") if (self.run / "best.ckpt").is_file() else {}
+            where = f" (epoch {best['epoch']}, {best.get('phase') or 'training'} phase)" if best else ""
+            self.console.log(f"done: best checkpoint {self.run / 'best.ckpt'}{where}; {text}")
         return results
 
 
@@ -532,7 +645,7 @@ def train(
         info = runs.read_run_info(run)
         if info.get("completed"):
             raise FaceclsError(
-                f"run {run} already finished its {recipe.train.epochs} epochs; nothing to resume "
+                f"run {run} already finished training; nothing to resume "
                 f"(evaluate it with `facecls evaluate {run}`, or train a new run with another --out)"
             )
         data_dir = Path(info["data_dir"])
@@ -540,7 +653,7 @@ def train(
         epochs_done = int(state["epoch"]) if state is not None else 0
         if state is None:
             console.log(f"no checkpoint in {run} yet: starting it again from the beginning (same recipe and split)")
-        elif epochs_done >= recipe.train.epochs:
+        elif next_phase(recipe.train, epochs_done, HeadPhase(**state.get("head_phase", {}))) is None:
             console.log(f"{run} finished training before its final evaluation; evaluating now")
         else:
             console.log(f"resuming {run} at epoch {epochs_done + 1}, step {state['step_in_epoch']}")

@@ -10,6 +10,7 @@ from torch import nn
 
 from facecls.config import HeadConfig
 from facecls.errors import FaceclsError
+from facecls.models.heads import build_head
 from facecls.models.weights import WeightSpec
 
 
@@ -70,23 +71,6 @@ def get_weight_spec(model: str, weights: str) -> WeightSpec | None:
     return entry.weights[weights]
 
 
-class ClassifierHead(nn.Sequential):
-    """Dropout -> Linear, or with ``hidden``: Linear -> BatchNorm1d -> ReLU -> Dropout -> Linear."""
-
-    def __init__(self, in_features: int, num_classes: int, config: HeadConfig):
-        if config.hidden:
-            layers = [
-                nn.Linear(in_features, config.hidden),
-                nn.BatchNorm1d(config.hidden),
-                nn.ReLU(inplace=True),
-                nn.Dropout(config.dropout),
-                nn.Linear(config.hidden, num_classes),
-            ]
-        else:
-            layers = [nn.Dropout(config.dropout), nn.Linear(in_features, num_classes)]
-        super().__init__(*layers)
-
-
 class FaceClassifier(nn.Module):
     """``backbone`` (images -> features) followed by ``head`` (features -> identity logits).
 
@@ -98,16 +82,20 @@ class FaceClassifier(nn.Module):
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, head: HeadConfig):
         super().__init__()
         self.backbone = backbone
-        self.head = ClassifierHead(feature_dim, num_classes, head)
+        self.head = build_head(feature_dim, num_classes, head)
         self.feature_dim = feature_dim
         self.backbone_frozen = False
 
-    def forward(self, x):
+    def forward(self, x, labels=None):
+        """Identity logits; ``labels`` (training only) put a margin head's margin on the target class."""
         if self.backbone_frozen:
             with torch.no_grad():
                 features = self.backbone(x)
-            return self.head(features)
-        return self.head(self.backbone(x))
+        else:
+            features = self.backbone(x)
+        if self.head.takes_labels:
+            return self.head(features, labels)
+        return self.head(features)
 
 
 def create_model(name: str, num_classes: int, head: HeadConfig | None = None) -> FaceClassifier:
