@@ -36,6 +36,9 @@ MODELS = {
     "inception_resnet_v1": (80, ["model.weights=none"]),  # 75 px is its smallest input
     "sface": (112, []),
 }
+# The heads of model.head.kind (margins apply in training only, so the export is the scaled cosines). The
+# recipes' own linear heads are above (mobilenet_v2's has a hidden layer: its Linear -> BatchNorm1d is folded).
+HEADS = {kind: [f"model.head.kind={kind}", "model.head.hidden=null"] for kind in ("cosine", "arcface", "cosface")}
 
 
 def _train(data: Path, run: Path, model: str, size: int, extra: list[str]) -> Path:
@@ -95,12 +98,13 @@ def runs(env, orl, aligned, tmp_path_factory):
     """One tiny trained run per model, made on first use."""
     made: dict[str, Path] = {}
 
-    def get(model: str) -> tuple[Path, Path]:
+    def get(model: str, head: str | None = None) -> tuple[Path, Path]:
         data = aligned if model == "sface" else orl
-        if model not in made:
+        key = f"{model}-{head}" if head else model
+        if key not in made:
             size, extra = MODELS[model]
-            made[model] = _train(data, tmp_path_factory.mktemp(model) / "run", model, size, extra)
-        return made[model], data
+            made[key] = _train(data, tmp_path_factory.mktemp(key) / "run", model, size, extra + HEADS.get(head, []))
+        return made[key], data
 
     return get
 
@@ -108,16 +112,16 @@ def runs(env, orl, aligned, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exports(runs, tmp_path_factory):
     """``(run, data, model file)`` per (model, embedding), exported through the CLI on first use."""
-    made: dict[tuple[str, bool], Path] = {}
+    made: dict[tuple[str, str | None, bool], Path] = {}
 
-    def get(model: str, embedding: bool = False) -> tuple[Path, Path, Path]:
-        run, data = runs(model)
-        if (model, embedding) not in made:
+    def get(model: str, embedding: bool = False, head: str | None = None) -> tuple[Path, Path, Path]:
+        run, data = runs(model, head)
+        if (model, head, embedding) not in made:
             out = tmp_path_factory.mktemp("export") / ("embedding.onnx" if embedding else "model.onnx")
             args = ["export", str(run), "--out", str(out), "--no-progress"]
             assert main(args + (["--embedding"] if embedding else [])) == 0
-            made[model, embedding] = out
-        return run, data, made[model, embedding]
+            made[model, head, embedding] = out
+        return run, data, made[model, head, embedding]
 
     return get
 
@@ -136,9 +140,13 @@ def _rows(path: Path) -> list[list[str]]:
 SLOW = {"resnet50", "inception_resnet_v1"}  # the largest graphs: 20-90 s each on a shared 2-core machine
 
 
-@pytest.mark.parametrize("model", [pytest.param(m, marks=[pytest.mark.slow] if m in SLOW else []) for m in MODELS])
-def test_onnx_matches_pytorch(exports, model, tmp_path):
-    run, data, out = exports(model)
+CASES = [pytest.param(m, None, id=m, marks=[pytest.mark.slow] if m in SLOW else []) for m in MODELS]
+CASES += [pytest.param("mobilenet_v2", head, id=f"mobilenet_v2-{head}") for head in HEADS]
+
+
+@pytest.mark.parametrize(("model", "head"), CASES)
+def test_onnx_matches_pytorch(exports, model, head, tmp_path):
+    run, data, out = exports(model, head=head)
     log = json.loads(out.with_name("model.export.json").read_text())
     assert log["batchnorm_after"] < log["batchnorm_before"]
     assert log["simplifier"].startswith("onnxslim")
@@ -165,7 +173,7 @@ def test_onnx_matches_pytorch(exports, model, tmp_path):
     assert meta.alignment["aligned"] is (model == "sface")
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
 
-    if model != "mobilenet_v2":  # the predict command is the same for every model (sface: with --detect below)
+    if model != "mobilenet_v2" or head:  # the predict command is the same for every model (sface: with --detect below)
         return
     # One predict path, two backends: the same submission from the run and from its export.
     from_torch, from_onnx = tmp_path / "torch.csv", tmp_path / "onnx.csv"
