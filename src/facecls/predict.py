@@ -140,6 +140,8 @@ def predict_folder(
     if onnx_model is not None:
         if compile_inference:
             raise FaceclsError("--compile applies to the PyTorch backend; an ONNX model runs through onnxruntime")
+        if checkpoint != "best":
+            raise FaceclsError("--checkpoint picks a run's checkpoint; an ONNX model is one (see export --checkpoint)")
         from facecls.onnx_model import load_onnx_predictor
 
         loaded = load_onnx_predictor(onnx_model, run)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import time
 import warnings
@@ -360,7 +361,8 @@ def _quantize(float_path: Path, out: Path, mode: str, loader, loaded: LoadedRun,
     prepared = out.with_name(f".{out.stem}.pre.onnx")
     tmp = out.with_name(f".{out.name}.tmp")
     try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        # onnxruntime's tools print and log (to the root logger) notes that are not the user's to act on
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _quiet_logging():
             warnings.simplefilter("ignore")
             # shape inference + onnxruntime's graph optimisations first, as onnxruntime's docs advise
             quant_pre_process(str(float_path), str(prepared))
@@ -390,6 +392,15 @@ def _quantize(float_path: Path, out: Path, mode: str, loader, loaded: LoadedRun,
         tmp.unlink(missing_ok=True)
         for extra in out.parent.glob(f".{out.stem}.pre.onnx*"):
             extra.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 @torch.inference_mode()
