@@ -50,15 +50,15 @@ def train_run(data: Path, run: Path, max_steps: int) -> None:
     )  # fmt: skip
 
 
-def image_folder(run: Path, out: Path) -> dict[str, str]:
-    """The run's val and test images, copied flat into ``out``; returns {file name: identity}."""
+def image_folder(run: Path, out: Path, limit: int | None) -> dict[str, str]:
+    """The run's val and test images (the first ``limit``), copied flat into ``out``; {file name: identity}."""
     info = json.loads((run / "run.json").read_text())
     data = Path(info["data_dir"])
     out.mkdir(parents=True, exist_ok=True)
     truth = {}
     with open(run / "split.csv", newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
-            if row["split"] in ("val", "test"):
+            if row["split"] in ("val", "test") and (limit is None or len(truth) < limit):
                 name = f"{len(truth):05d}{Path(row['path']).suffix}"
                 shutil.copy(data / row["path"], out / name)
                 truth[name] = row["identity"]
@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=8, help="steps per epoch of that training run")
     parser.add_argument("--workdir", type=Path, help="folder for the run, exports and images (default: temporary)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--limit", type=int, help="predict only the first N val/test images")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
 
@@ -155,7 +156,7 @@ def main() -> None:
         sides[f"onnxruntime {name}"] = out
     images = workdir / "images"
     shutil.rmtree(images, ignore_errors=True)
-    truth = image_folder(run, images)
+    truth = image_folder(run, images, args.limit)
 
     seconds: dict[str, list[float]] = {name: [] for name in sides}
     submissions = {name: workdir / f"submission-{i}.csv" for i, name in enumerate(sides)}

@@ -36,9 +36,10 @@ MODELS = {
     "inception_resnet_v1": (80, ["model.weights=none"]),  # 75 px is its smallest input
     "sface": (112, []),
 }
-# The heads of model.head.kind (margins apply in training only, so the export is the scaled cosines). The
+# The heads of model.head.kind. Margins apply in training only: in eval mode cosine, arcface and cosface are
+# one module computing s * cos(theta) (heads.MarginHead), so one of them exports the graph of all three. The
 # recipes' own linear heads are above (mobilenet_v2's has a hidden layer: its Linear -> BatchNorm1d is folded).
-HEADS = {kind: [f"model.head.kind={kind}", "model.head.hidden=null"] for kind in ("cosine", "arcface", "cosface")}
+HEADS = {"arcface": ["model.head.kind=arcface", "model.head.hidden=null"]}
 
 
 def _train(data: Path, run: Path, model: str, size: int, extra: list[str]) -> Path:

@@ -110,6 +110,10 @@ def open_session(path: Path, threads: int | None = None):
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    from facecls.speed import openmp_threads_sleep
+
+    if openmp_threads_sleep():  # the same policy as torch's OpenMP threads (speed.resolve_runtime): no spinning
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # onnxruntime's own warnings (e.g. about unused initializers) are noise here
     try:
         return ort.InferenceSession(str(path), options, providers=ort.get_available_providers())
