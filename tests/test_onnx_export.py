@@ -172,7 +172,9 @@ def test_onnx_matches_pytorch(exports, model, head, tmp_path):
     assert meta.mean == pytest.approx(loaded.preprocess.mean) and meta.std == pytest.approx(loaded.preprocess.std)
     assert meta.channel_order == "RGB" and meta.model == model
     assert meta.alignment["aligned"] is (model == "sface")
-    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto, full_check=True)
+    assert {o.domain: o.version for o in proto.opset_import}[""] == 18  # the default --opset
 
     if model != "mobilenet_v2" or head:  # the predict command is the same for every model (sface: with --detect below)
         return
@@ -225,6 +227,10 @@ def test_mismatched_models_are_refused(exports, tmp_path, capsys):
     info["preprocess"]["input_size"] = 96
     (other_run / "run.json").write_text(json.dumps(info))
     _assert_one_line(capsys, main(["predict", str(other_run), "--onnx", str(renamed), *predict]), "96 px")
+
+    # An opset the graph cannot be converted to (ReduceMean takes its axes as an input from opset 18 on).
+    code = main(["export", str(run), "--opset", "17", "--out", str(tmp_path / "old.onnx"), "--no-progress"])
+    _assert_one_line(capsys, code, "cannot be written at opset 17", "--opset 18")
 
     # Not a facecls export, and an embedding export, are refused before any image is read.
     from facecls.faces.detect import find_yunet_onnx

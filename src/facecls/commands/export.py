@@ -40,7 +40,7 @@ from facecls.runs import write_json
 from facecls.speed import fold_batchnorm
 
 DEFAULT_OPSET = 18
-"""The exporter's own opset (torch 2.9+); lower ones go through onnx's version converter."""
+"""The exporter's own opset (torch 2.9+); others go through onnx's version converter."""
 QUANTIZE_MODES = ("dynamic", "static")
 CALIBRATION_IMAGES = 256
 """At most this many validation images calibrate static quantisation (MinMax ranges settle well before)."""
@@ -123,6 +123,7 @@ def export_run(
     float_path = out.with_name(out.stem + ".fp32.onnx") if quantize else out
     console.log(f"exporting {loaded.recipe.model.name} ({output}, {size} px, opset {opset}) to {float_path}")
     proto = _torch_export(folded, size, output, opset)
+    proto = _convert_opset(proto, onnx, opset)
     simplifier, proto = _simplify(proto, onnx, size)
     embedding_dim = _output_width(proto)
     metadata = _metadata(loaded, output, embedding_dim)
@@ -181,7 +182,8 @@ def _torch_export(model: nn.Module, size: int, output: str, opset: int):
     batch = torch.export.Dim("batch", min=1)
     quiet = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), torch.no_grad():
+        # the exporter logs its own fallbacks (e.g. to opset 18) with tracebacks; _convert_opset reports in one line
+        with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), _quiet_logging(), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model,
@@ -200,6 +202,22 @@ def _torch_export(model: nn.Module, size: int, output: str, opset: int):
             f"torch.onnx.export failed: {type(exc).__name__}: {lines[0][:300] if lines else ''}"
         ) from None
     return program.model_proto
+
+
+def _convert_opset(proto, onnx, opset: int):
+    """``proto`` at ``opset`` of the default domain: torch's exporter writes its own (18) whatever it is asked."""
+    current = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
+    if current == opset:
+        return proto
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(proto, opset)
+        onnx.checker.check_model(converted, full_check=True)
+        return converted
+    except Exception as exc:  # noqa: BLE001 - the converter raises RuntimeError/ConvertError per operator
+        first = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+        raise FaceclsError(f"the graph cannot be written at opset {opset} ({first}); try --opset {current}") from None
 
 
 def _simplify(proto, onnx, size: int):
