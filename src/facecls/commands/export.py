@@ -4,9 +4,11 @@ The model is exported in eval mode, float32, on the CPU, with BatchNorm folded i
 (speed.fold_batchnorm), through torch's current exporter (``torch.onnx.export(dynamo=True)``, which
 traces with torch.export: the TorchScript exporter is deprecated since torch 2.9). The batch dimension
 is dynamic. The graph is then simplified with onnxslim (constant folding, dead-node removal and operator
-fusions in pure Python on onnx's own IR; onnxsim was the older choice, but its wheels lag new Python
-and onnx releases and need a native build otherwise), checked with ``onnx.checker`` (full check, with
-shape inference) and given the metadata of `facecls.onnx_model.OnnxMetadata`.
+fusions, pure Python on onnx's own IR, released often; onnxsim, the older choice, is a C++ extension whose
+wheels have trailed new Python and onnx releases), kept only if onnxruntime gives a probe batch the same
+outputs, checked with ``onnx.checker`` (full check, with shape inference) and given the metadata of
+`facecls.onnx_model.OnnxMetadata`. An ``opset`` other than the exporter's 18 goes through onnx's version
+converter, or is refused in one line when the graph cannot be expressed at it.
 
 Every export is checked against PyTorch on the run's validation images: the largest absolute logit
 difference, whether every predicted label is the same, and top-1 through onnxruntime, written to
