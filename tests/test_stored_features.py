@@ -148,7 +148,7 @@ def test_resume_inside_the_stored_feature_phase(celeb, tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "train_one_epoch", stop_at_step_3)
     run = tmp_path / "stopped"
-    with pytest.raises(FaceclsError, match="stopped at the end of epoch 2, step 1"):
+    with pytest.raises(FaceclsError, match=r"stopped \(SIGINT\) at the end of epoch 2, step 1"):
         train(_recipe(*recipe), celeb, run, progress=False)
     monkeypatch.setattr(training, "train_one_epoch", real)
     resumed = train(load_recipe("sface"), None, run, resume=True, progress=False)
