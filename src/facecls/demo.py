@@ -47,6 +47,9 @@ DEMO_OVERRIDES = {
 COMMON_OVERRIDES = [
     "model.weights=none",
     "train.frozen_epochs=1",
+    # From random initialisation a frozen backbone's features are noise: converging a head on stored
+    # features of it buys nothing, so the demo's frozen epoch trains on images as the seed did.
+    "train.feature_views=0",
     "train.unfreeze=all",
     "optim.finetune_lr=null",
     "scheduler.name=cosine",
