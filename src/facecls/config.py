@@ -234,6 +234,23 @@ class Recipe:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
 
 
+@dataclass(frozen=True)
+class Preprocess:
+    """How images become model inputs; fixed per run so evaluate and predict match training."""
+
+    input_size: int
+    resize: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def as_dict(self) -> dict:
+        return {"input_size": self.input_size, "resize": self.resize, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        return cls(int(d["input_size"]), int(d["resize"]), tuple(d["mean"]), tuple(d["std"]))
+
+
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
 

@@ -100,7 +100,8 @@ def predict_loader(
     """In-order batches of ``dataset`` (or of ``indices``), decoded in the runtime's worker processes;
     with ``persistent``, the workers stay up between passes over the loader."""
     sampler = indices if indices is not None else list(range(len(dataset)))
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **loader_kwargs(runtime, persistent))
+    kwargs = loader_kwargs(runtime.workers, runtime.pin_memory, persistent)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
 
 
 @torch.inference_mode()

@@ -13,7 +13,7 @@ from facecls.data.pipeline import build_datasets
 from facecls.data.split import ManifestRow
 from facecls.data.transforms import color_jitter_uint8, rotate_uint8, train_transform
 from facecls.distributed import DistEnv
-from facecls.runs import Preprocess
+from facecls.config import Preprocess
 
 
 def _data(tmp_path, n=4):
