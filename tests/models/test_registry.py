@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from facecls.builder import backbone_blocks, set_phase
 from facecls.config import HeadConfig, TrainConfig
 from facecls.errors import FaceclsError
 from facecls.models.registry import create_model, list_models
-from facecls.builder import backbone_blocks, set_phase
 
 # Backbone parameter counts (no head): torchvision's and facenet's published sizes.
 BACKBONE_PARAMS = {
