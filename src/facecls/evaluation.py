@@ -21,7 +21,7 @@ from facecls.distributed import DistEnv
 from facecls.engine import evaluate
 from facecls.errors import FaceclsError
 from facecls.models.registry import FaceClassifier, create_model
-from facecls.runs import RunFolder
+from facecls.run_folder import RunFolder
 from facecls.speed import Runtime, resolve_runtime
 
 

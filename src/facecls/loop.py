@@ -23,7 +23,7 @@ from facecls.console import Console
 from facecls.distributed import barrier
 from facecls.engine import RunningStats, StepContext, evaluate, train_one_epoch
 from facecls.errors import FaceclsError
-from facecls.runs import RunFolder
+from facecls.run_folder import RunFolder
 
 
 @dataclass

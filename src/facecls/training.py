@@ -16,7 +16,7 @@ from facecls.data.scan import find_labelled_images
 from facecls.distributed import barrier, init_distributed
 from facecls.errors import FaceclsError
 from facecls.loop import Loop, recipe_phases, run_callbacks
-from facecls.runs import RunFolder
+from facecls.run_folder import RunFolder
 from facecls.speed import resolve_runtime, use_cpu_threads
 
 

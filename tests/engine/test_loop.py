@@ -16,7 +16,7 @@ from facecls.cli import main
 from facecls.config import load_recipe
 from facecls.engine import RunningStats
 from facecls.loop import Callback, EpochEnd, Loop, Phase, recipe_phases, run_callbacks
-from facecls.runs import RunFolder
+from facecls.run_folder import RunFolder
 from facecls.speed import resolve_runtime
 from facecls.training import seed_everything
 
