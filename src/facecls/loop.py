@@ -74,7 +74,8 @@ class Callback:
 class Phase:
     """A stretch of epochs trained one way. ``enter`` prepares the model (which parameters train, the
     DDP wrapper) and returns what the steps call; ``train_epoch`` trains one epoch and returns this
-    epoch's sums over all processes (``loop.state.epoch`` is the epoch's index)."""
+    epoch's sums over all processes (``loop.state.epoch`` is the epoch's index); ``validate`` gives the
+    epoch's validation metrics (by default: the model on the validation loader)."""
 
     name: str
 
@@ -87,6 +88,13 @@ class Phase:
     def train_epoch(self, loop: Loop, model: nn.Module) -> RunningStats:
         raise NotImplementedError
 
+    def validate(self, loop: Loop) -> dict | None:
+        """``count``, ``top1``, ``top5``, ``loss`` on the validation split (None: the run has none)."""
+        s = loop.setup
+        if s.val_loader is None:
+            return None
+        return evaluate(loop.model, s.val_loader, s.runtime, s.normalize, s.env).metrics(len(s.class_names))
+
 
 class Loop:
     """Runs ``phases`` over a built run (:class:`TrainingSetup`), calling ``callbacks`` in order."""
@@ -98,7 +106,7 @@ class Loop:
         callbacks: list[Callback],
         console: Console | None = None,
         state: LoopState | None = None,
-        resume_hint: str = "",
+        resume_hint: str = "`facecls train --resume RUN`",
     ):
         self.setup, self.phases, self.callbacks = setup, phases, callbacks
         self.console = console or Console(enabled=False)
@@ -149,8 +157,7 @@ class Loop:
 
     def _end_epoch(self, phase: Phase, train: RunningStats, seconds: float) -> None:
         s, state = self.setup, self.state
-        val = evaluate(self.model, s.val_loader, s.runtime, s.normalize, s.env) if s.val_loader else None
-        val_metrics = val.metrics(len(s.class_names)) if val is not None else None
+        val_metrics = phase.validate(self)
         monitor = val_metrics["top1"] if val_metrics else train.accuracy
         lr = s.optimizer.param_groups[0]["lr"]
         state.epoch += 1
