@@ -88,6 +88,14 @@ class Phase:
     def train_epoch(self, loop: Loop, model: nn.Module) -> RunningStats:
         raise NotImplementedError
 
+    def state_dict(self) -> dict:
+        """What the phase must carry over a resume besides the loop's state (checkpoints hold it under
+        ``phases``, by phase name; plain values and tensors only)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned ({} from a checkpoint without it)."""
+
     def validate(self, loop: Loop) -> dict | None:
         """``count``, ``top1``, ``top5``, ``loss`` on the validation split (None: the run has none)."""
         s = loop.setup
@@ -207,6 +215,7 @@ class Loop:
             "model_name": s.recipe.model.name,
             "preprocess": s.preprocess.as_dict(),
             "world_size": s.env.world_size,
+            "phases": {phase.name: phase.state_dict() for phase in self.phases},
         }
 
     def load_state_dict(self, checkpoint: dict, source: str = "checkpoint") -> None:
@@ -225,6 +234,8 @@ class Loop:
             best_val_acc=float(checkpoint["best_val_acc"]),
             partial=RunningStats(*checkpoint["partial"]) if s.env.is_main else RunningStats(),
         )
+        for phase in self.phases:
+            phase.load_state_dict(checkpoint.get("phases", {}).get(phase.name, {}))
         set_rng_state(checkpoint["rng"])
         if s.env.enabled:  # ranks draw different dropout masks
             torch.manual_seed(int(torch.initial_seed()) + s.env.rank)

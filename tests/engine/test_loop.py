@@ -146,3 +146,31 @@ def test_a_new_phase_plugs_in_before_the_recipe_phases(data):
     assert state.epoch == 2 and state.global_step == 1 + setup.steps_per_epoch
     steps = [f"step {i}" for i in range(2, 2 + setup.steps_per_epoch)]
     assert record.events == ["start", "step 1", "epoch 1 head-only", *steps, "epoch 2 finetune", "end"]
+
+
+class _Counting(_HeadOnly):
+    """Counts its epochs, and keeps the count over a resume."""
+
+    def __init__(self, until: int):
+        super().__init__(until)
+        self.trained = 0
+
+    def train_epoch(self, loop: Loop, model: torch.nn.Module) -> RunningStats:
+        self.trained += 1
+        return super().train_epoch(loop, model)
+
+    def state_dict(self) -> dict:
+        return {"trained": self.trained}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trained = state.get("trained", 0)
+
+
+def test_a_phase_keeps_its_state_in_the_checkpoint(data):
+    loop = Loop(_setup(data), [_Counting(until=2)], [])
+    loop.fit()
+    checkpoint = loop.state_dict()
+    assert checkpoint["phases"] == {"head-only": {"trained": 2}}
+    resumed = _Counting(until=2)
+    Loop(_setup(data), [resumed], []).load_state_dict(checkpoint)
+    assert resumed.trained == 2
