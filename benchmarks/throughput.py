@@ -36,15 +36,15 @@ from torchvision import datasets as tv_datasets
 from torchvision import models as tvm
 from torchvision import transforms as T
 
-from facecls.allocator import reexec_with_jemalloc
-from facecls.builder import build_data, build_training, set_phase
+from facecls.commands.predict import inference_model, predict_batches, predict_loader
+from facecls.commands.train import seed_everything
 from facecls.config import load_recipe
 from facecls.data.datasets import ImageFiles
 from facecls.data.scan import list_flat_images
-from facecls.engine import RunningStats, StepContext, train_one_epoch
-from facecls.predict import inference_model, predict_batches, predict_loader
-from facecls.speed import CompiledInference, resolve_runtime
-from facecls.training import seed_everything
+from facecls.engine.builder import build_data, build_training, set_phase
+from facecls.engine.steps import RunningStats, StepContext, train_one_epoch
+from facecls.runtime.allocator import reexec_with_jemalloc
+from facecls.runtime.speed import CompiledInference, resolve_runtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sides import FACECLS, NAIVE, NAIVE_ALLOC, SideProcess, interleaved, serve, side_environment  # noqa: E402

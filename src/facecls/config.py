@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from facecls.errors import FaceclsError
+from facecls.core.errors import FaceclsError
 
 _PLAIN_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 

@@ -12,7 +12,7 @@ from facecls.data.images import load_image
 from facecls.data.pipeline import build_datasets
 from facecls.data.split import ManifestRow
 from facecls.data.transforms import color_jitter_uint8, rotate_uint8, train_transform
-from facecls.distributed import DistEnv
+from facecls.runtime.distributed import DistEnv
 
 
 def _data(tmp_path, n=4):

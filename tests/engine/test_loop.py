@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from facecls.builder import TrainingSetup, build_training
 from facecls.cli import main
+from facecls.commands.train import seed_everything
 from facecls.config import load_recipe
-from facecls.engine import RunningStats
-from facecls.loop import Callback, EpochEnd, Loop, Phase, recipe_phases, run_callbacks
-from facecls.run_folder import RunFolder
-from facecls.speed import resolve_runtime
-from facecls.training import seed_everything
+from facecls.core.run_folder import RunFolder
+from facecls.engine.builder import TrainingSetup, build_training
+from facecls.engine.loop import Callback, EpochEnd, Loop, Phase, recipe_phases, run_callbacks
+from facecls.engine.steps import RunningStats
+from facecls.runtime.speed import resolve_runtime
 
 TINY = [
     "model.weights=none",

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from facecls.builder import backbone_blocks, set_phase
 from facecls.config import HeadConfig, TrainConfig
-from facecls.errors import FaceclsError
+from facecls.core.errors import FaceclsError
+from facecls.engine.builder import backbone_blocks, set_phase
 from facecls.models.registry import create_model, list_models
 
 # Backbone parameter counts (no head): torchvision's and facenet's published sizes.

@@ -13,17 +13,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from facecls.config import AugmentConfig, DataConfig, Preprocess
+from facecls.core.errors import FaceclsError
 from facecls.data.datasets import EpochSampler, FaceImages, shard
 from facecls.data.images import DecodedCache, UnreadableImage, check_decodes
 from facecls.data.scan import SkippedFile, find_labelled_images
 from facecls.data.split import ManifestRow, class_names_from, read_manifest, stratified_split
 from facecls.data.transforms import train_transform
-from facecls.errors import FaceclsError
 
 
 class Processes(Protocol):
     """The processes that share a run (one outside torchrun): data shards by rank, and rank 0 alone
-    builds the decoded cache while the others wait (facecls.distributed.DistEnv is one)."""
+    builds the decoded cache while the others wait (facecls.runtime.distributed.DistEnv is one)."""
 
     rank: int
     world_size: int

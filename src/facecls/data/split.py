@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from facecls.core.errors import FaceclsError
 from facecls.data.scan import Sample
-from facecls.errors import FaceclsError
 
 SPLITS = ("train", "val", "test")
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from facecls.config import HeadConfig
-from facecls.errors import FaceclsError
+from facecls.core.errors import FaceclsError
 from facecls.models.weights import WeightSpec
 
 

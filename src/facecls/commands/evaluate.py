@@ -11,18 +11,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facecls import runs
-from facecls.checkpoint import load_checkpoint, load_model_state
 from facecls.config import Preprocess, Recipe
-from facecls.console import Console
+from facecls.core import runs
+from facecls.core.checkpoint import load_checkpoint, load_model_state
+from facecls.core.console import Console
+from facecls.core.errors import FaceclsError
+from facecls.core.run_folder import RunFolder
 from facecls.data.pipeline import build_datasets, eval_loader
 from facecls.data.transforms import Normalize
-from facecls.distributed import DistEnv
-from facecls.engine import evaluate
-from facecls.errors import FaceclsError
+from facecls.engine.steps import evaluate
 from facecls.models.registry import FaceClassifier, create_model
-from facecls.run_folder import RunFolder
-from facecls.speed import Runtime, resolve_runtime
+from facecls.runtime.distributed import DistEnv
+from facecls.runtime.speed import Runtime, resolve_runtime
 
 
 @dataclass
@@ -86,7 +86,7 @@ def evaluate_run(
     rows = folder.read_split()
     if not any(r.split == split for r in rows):
         raise FaceclsError(f"run {run} has no '{split}' images in its split")
-    from facecls.download import cache_dir
+    from facecls.core.download import cache_dir
 
     data_dir = Path(loaded.info["data_dir"])
     data = build_datasets(

@@ -6,8 +6,8 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from facecls.errors import FaceclsError
-from facecls.run_folder import RunFolder
+from facecls.core.errors import FaceclsError
+from facecls.core.run_folder import RunFolder
 
 HEADER = ["image_name", "label"]
 

@@ -1,5 +1,5 @@
 """Run files: atomic writes, the recipe and run.json read back, metrics.csv and its plot, the recorded
-environment. Which file is where, and the run as a whole: facecls.run_folder."""
+environment. Which file is where, and the run as a whole: facecls.core.run_folder."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import yaml
 
 from facecls import __version__
 from facecls.config import Recipe, recipe_from_dict, recipe_to_dict
-from facecls.errors import FaceclsError
+from facecls.core.errors import FaceclsError
 
 
 def git_revision() -> str | None:

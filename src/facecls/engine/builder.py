@@ -14,17 +14,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from facecls.config import IMAGENET_MEAN, IMAGENET_STD, Preprocess, Recipe, TrainConfig
-from facecls.console import Console
+from facecls.core.console import Console
+from facecls.core.errors import FaceclsError
 from facecls.data.datasets import FaceImages
 from facecls.data.pipeline import build_datasets, eval_loader, make_manifest, train_loader
 from facecls.data.scan import SkippedFile
 from facecls.data.split import ManifestRow, class_names_from, manifest_sha256
 from facecls.data.transforms import Normalize
-from facecls.distributed import DistEnv, convert_sync_batchnorm
-from facecls.errors import FaceclsError
 from facecls.models.registry import FaceClassifier, create_model, get_entry, get_weight_spec
 from facecls.models.weights import load_backbone_weights, read_state_dict, resolve_weights_file
-from facecls.speed import Runtime, prepare_training_model
+from facecls.runtime.distributed import DistEnv, convert_sync_batchnorm
+from facecls.runtime.speed import Runtime, prepare_training_model
 
 SINGLE_PROCESS = DistEnv()
 
@@ -50,7 +50,7 @@ def load_pretrained(model: FaceClassifier, recipe: Recipe, offline: bool, consol
             f"NO PRETRAINED WEIGHTS: {recipe.model.name} starts from random initialisation (model.weights=none)"
         )
         return {"name": "none"}
-    from facecls.download import sha256_file
+    from facecls.core.download import sha256_file
 
     file = resolve_weights_file(spec, recipe.model.weights_path, recipe.model.weights_sha256, offline)
     state = read_state_dict(file, spec)
@@ -165,7 +165,7 @@ def build_data(
     rows, scan_skipped = make_manifest(data_dir, recipe.data, manifest)
     preprocess = resolve_preprocess(recipe)
     if cache_root is None:
-        from facecls.download import cache_dir
+        from facecls.core.download import cache_dir
 
         cache_root = cache_dir() / "decoded"
     data = build_datasets(

@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facecls import runs
-from facecls.builder import TrainingSetup, build_data, build_training, micro_batch_size
-from facecls.console import Console
+from facecls.core import runs
+from facecls.core.console import Console
+from facecls.core.errors import FaceclsError
+from facecls.core.run_folder import RunFolder
 from facecls.data.scan import find_labelled_images
-from facecls.distributed import barrier, init_distributed
-from facecls.errors import FaceclsError
-from facecls.loop import Loop, recipe_phases, run_callbacks
-from facecls.run_folder import RunFolder
-from facecls.speed import resolve_runtime, use_cpu_threads
+from facecls.engine.builder import TrainingSetup, build_data, build_training, micro_batch_size
+from facecls.engine.loop import Loop, recipe_phases, run_callbacks
+from facecls.runtime.distributed import barrier, init_distributed
+from facecls.runtime.speed import resolve_runtime, use_cpu_threads
 
 
 @dataclass
@@ -64,7 +64,7 @@ def run_info(setup: TrainingSetup, skipped_files: int) -> dict:
 
 def final_evaluation(folder: RunFolder, setup: TrainingSetup, console: Console) -> dict:
     """The best checkpoint on the val and test splits; then the run is marked completed."""
-    from facecls.evaluation import evaluate_run
+    from facecls.commands.evaluate import evaluate_run
 
     results = {}
     for split in ("val", "test"):

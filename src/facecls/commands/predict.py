@@ -11,15 +11,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from facecls.console import Console
+from facecls.commands.evaluate import load_run
+from facecls.core.console import Console
+from facecls.core.errors import FaceclsError
 from facecls.data.datasets import ImageFiles, shard
 from facecls.data.images import UnreadableImage, check_decodes
 from facecls.data.pipeline import loader_kwargs
 from facecls.data.scan import list_flat_images
-from facecls.distributed import DistEnv, broadcast_object, gather_objects
-from facecls.errors import FaceclsError
-from facecls.evaluation import load_run
-from facecls.speed import CompiledInference, Runtime, fold_batchnorm, use_compiled_inference
+from facecls.runtime.distributed import DistEnv, broadcast_object, gather_objects
+from facecls.runtime.speed import CompiledInference, Runtime, fold_batchnorm, use_compiled_inference
 
 
 @dataclass

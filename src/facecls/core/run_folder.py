@@ -8,7 +8,7 @@ RUN/
   eval_<split>.json  per_class_<split>.csv    predictions_<split>.csv   (from evaluate)
   kaggle.json                                 (from score --run)
 
-Writes go through the helpers in facecls.runs (atomic: temp file, then rename).
+Writes go through the helpers in facecls.core.runs (atomic: temp file, then rename).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from facecls import runs
-from facecls.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint
 from facecls.config import Preprocess, Recipe
+from facecls.core import runs
+from facecls.core.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint
+from facecls.core.errors import FaceclsError
 from facecls.data.scan import SkippedFile, read_skipped, write_skipped
 from facecls.data.split import ManifestRow, read_manifest, write_manifest
-from facecls.errors import FaceclsError
 
 RUN_FILES = ("config.yaml", "run.json", "split.csv")
 """What a run folder holds once set-up is done: enough to resume it (from scratch without a checkpoint)."""

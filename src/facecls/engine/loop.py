@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from facecls.builder import TrainingSetup, set_phase
-from facecls.checkpoint import load_model_state, rng_state, set_rng_state
 from facecls.config import recipe_to_dict
-from facecls.console import Console
-from facecls.distributed import barrier
-from facecls.engine import RunningStats, StepContext, evaluate, train_one_epoch
-from facecls.errors import FaceclsError
-from facecls.run_folder import RunFolder
+from facecls.core.checkpoint import load_model_state, rng_state, set_rng_state
+from facecls.core.console import Console
+from facecls.core.errors import FaceclsError
+from facecls.core.run_folder import RunFolder
+from facecls.engine.builder import TrainingSetup, set_phase
+from facecls.engine.steps import RunningStats, StepContext, evaluate, train_one_epoch
+from facecls.runtime.distributed import barrier
 
 
 @dataclass

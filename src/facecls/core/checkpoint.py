@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facecls.errors import FaceclsError
+from facecls.core.errors import FaceclsError
 
 FORMAT_VERSION = 1
 
