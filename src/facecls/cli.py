@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from facecls.core.errors import FaceclsError
+from facecls.core.errors import FaceclsError, Stopped
 from facecls.runtime.allocator import reexec_with_jemalloc
 from facecls.runtime.machine import available_cpus
 
@@ -161,11 +162,34 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
             signal.signal(sig, handler)
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    os.write(2, b"facecls: stopped (SIGTERM) before training started; nothing changed: run the same command again\n")
+    os._exit(128 + signal.SIGTERM)
+
+
 def cmd_train(args, argv: list[str]) -> int:
+    """``facecls train``. A SIGTERM before training has set up (Python still importing torch, on a busy
+    machine for seconds) ends it at once with one line; train() then handles SIGTERM itself."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        return _cmd_train(args, argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _cmd_train(args, argv: list[str]) -> int:
     from facecls.config import load_recipe
 
     if args.nproc is not None and args.nproc < 1:
         raise FaceclsError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise FaceclsError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.epochs_scale is not None and not (math.isfinite(args.epochs_scale) and args.epochs_scale > 0):
+        raise FaceclsError(f"--epochs-scale must be a number > 0, got {args.epochs_scale}")
     if args.resume and (args.recipe or args.data or args.overrides):
         raise FaceclsError("--resume continues a run with its own recipe and data; drop --recipe/--data/--set")
     if not args.resume and (not args.recipe or not args.data):
@@ -188,7 +212,7 @@ def cmd_train(args, argv: list[str]) -> int:
         )
         return 0
     recipe = load_recipe(args.recipe, _train_overrides(args))
-    if args.epochs_scale:
+    if args.epochs_scale is not None:
         recipe = scale_epochs(recipe, args.epochs_scale)
     run = args.out or Path("runs") / recipe.name
     train(
@@ -346,6 +370,8 @@ COMMANDS = {
 
 
 def run_command(args, argv: list[str]) -> int:
+    if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
+        raise FaceclsError(f"--batch-size must be >= 1, got {args.batch_size}")
     return COMMANDS[args.command](args, argv)
 
 
@@ -383,19 +409,30 @@ def main(argv: list[str] | None = None) -> int:
         if real_command_line and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             _exit_without_teardown(code)
         return code
+    except Stopped as exc:
+        print(f"facecls: {exc}", file=sys.stderr)
+        return exc.exit_code
     except FaceclsError as exc:
         print(f"facecls: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("facecls: interrupted", file=sys.stderr)
         return 130
-    except OSError as exc:  # a full disk is the machine's state, not a bug: one line, not a traceback
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        where = f" writing {exc.filename}" if exc.filename else ""
-        print(
-            f"facecls: error: disk full{where}: free space, then run the command again "
-            "(a training run continues with --resume RUN)",
-            file=sys.stderr,
-        )
-        return 2
+    except OSError as exc:  # a full disk or a read-only folder is the machine's state, not a bug: one line
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {exc.filename}" if exc.filename else ""
+            print(
+                f"facecls: error: disk full{where}: free space, then run the command again "
+                "(a training run continues with --resume RUN)",
+                file=sys.stderr,
+            )
+            return 2
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            where = f" {exc.filename}" if exc.filename else ""
+            print(
+                f"facecls: error: {exc.strerror or 'permission denied'}:{where}; give this user write access "
+                "(or choose another output path), then run the command again",
+                file=sys.stderr,
+            )
+            return 2
+        raise

@@ -17,6 +17,7 @@ from facecls.commands.evaluate import load_run
 from facecls.core.download import cache_dir
 from facecls.data.images import UnreadableImage, load_image, open_rgb
 from facecls.data.pipeline import build_datasets
+from facecls.data.scan import unescape_name
 from facecls.data.split import read_manifest
 from facecls.runtime.distributed import DistEnv
 
@@ -24,8 +25,12 @@ from .conftest import assert_one_line_error, write_awkward_images, write_bad_fil
 
 
 def _csv(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
-        return list(csv.DictReader(handle))
+    """Rows of a CSV facecls wrote: strict UTF-8; file names (the first column) given back as the names
+    they escape."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        first = reader.fieldnames[0]
+        return [{**row, first: unescape_name(row[first])} for row in reader]
 
 
 # ---- decoding ----------------------------------------------------------------------------------------
@@ -130,7 +135,7 @@ def test_folder(tmp_path, faces_data) -> tuple[Path, list[str], list[str]]:
     folder.mkdir()
     for j in range(1, 4):
         shutil.copy(faces_data / "orl" / "s1" / f"{j + 6}.pgm", folder / f"visage n°{j}.pgm")
-    latin1 = os.fsdecode(b"f\xe9e.pgm")  # not valid UTF-8: the submission must name it byte for byte
+    latin1 = os.fsdecode(b"f\xe9e.pgm")  # not valid UTF-8: the submission names it escaped (f\\xe9e.pgm)
     shutil.copy(faces_data / "orl" / "s1" / "10.pgm", folder / latin1)
     readable = [f"visage n°{j}.pgm" for j in range(1, 4)] + [latin1] + write_awkward_images(folder)
     bad = write_bad_files(folder)

@@ -6,6 +6,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+from facecls.core.atomic import atomic_write, write_text
 from facecls.core.errors import FaceclsError
 from facecls.core.run_folder import RunFolder
 
@@ -108,8 +109,8 @@ def write_table(rows: list[Row], prefix: Path) -> tuple[Path, Path]:
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     md, csv_path = prefix.with_suffix(".md"), prefix.with_suffix(".csv")
-    md.write_text(to_markdown(rows), encoding="utf-8")
-    with open(csv_path, "w", newline="", encoding="utf-8") as handle:
+    write_text(md, to_markdown(rows))
+    with atomic_write(csv_path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["model", "run", "val_acc", "test_acc", "kaggle"])
         for r in rows:

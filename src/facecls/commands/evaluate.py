@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,12 +11,13 @@ import numpy as np
 import torch
 
 from facecls.config import Preprocess, Recipe
-from facecls.core import runs
+from facecls.core.atomic import atomic_write
 from facecls.core.checkpoint import load_checkpoint, load_model_state
 from facecls.core.console import Console
 from facecls.core.errors import FaceclsError
 from facecls.core.run_folder import RunFolder
 from facecls.data.pipeline import build_datasets, eval_loader
+from facecls.data.scan import escape_name
 from facecls.data.transforms import Normalize
 from facecls.engine.steps import evaluate
 from facecls.models.registry import FaceClassifier, create_model
@@ -139,25 +139,26 @@ def write_predictions(path: Path, preds, image_paths: list[str], class_names: li
     (fewer when the run has fewer than 5 classes)."""
     k = min(5, len(class_names))
     true_scores = np.exp(-preds.losses.astype(np.float64))  # cross-entropy = -log p(true identity)
-    buffer = io.StringIO(newline="")
-    writer = csv.writer(buffer)
-    writer.writerow(PREDICTION_COLUMNS)
-    for i, index in enumerate(preds.indices):
-        label = preds.labels[i]
-        row = [image_paths[index], class_names[label], int(preds.top5[i, 0] == label), f"{true_scores[i]:.6f}"]
-        for j in range(5):
-            row += [class_names[preds.top5[i, j]], f"{preds.top5_scores[i, j]:.6f}"] if j < k else ["", ""]
-        writer.writerow(row)
-    runs.write_text_atomic(path, buffer.getvalue(), errors="surrogateescape")
+    names = [escape_name(name) for name in class_names]  # UTF-8 CSV whatever the file names (see escape_name)
+    with atomic_write(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(PREDICTION_COLUMNS)
+        for i, index in enumerate(preds.indices):
+            label = preds.labels[i]
+            correct = int(preds.top5[i, 0] == label)
+            row = [escape_name(image_paths[index]), names[label], correct, f"{true_scores[i]:.6f}"]
+            for j in range(5):
+                row += [names[preds.top5[i, j]], f"{preds.top5_scores[i, j]:.6f}"] if j < k else ["", ""]
+            writer.writerow(row)
 
 
 def _write_per_class(path: Path, preds, class_names: list[str]) -> None:
     n = len(class_names)
     totals = np.bincount(preds.labels, minlength=n)
     correct = np.bincount(preds.labels[preds.top5[:, 0] == preds.labels], minlength=n)
-    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+    with atomic_write(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["identity", "count", "correct", "accuracy"])
         for i, name in enumerate(class_names):
             if totals[i]:
-                writer.writerow([name, int(totals[i]), int(correct[i]), round(correct[i] / totals[i], 6)])
+                writer.writerow([escape_name(name), int(totals[i]), int(correct[i]), round(correct[i] / totals[i], 6)])

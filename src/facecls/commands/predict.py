@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,12 +12,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from facecls.commands.evaluate import load_run
+from facecls.core.atomic import atomic_write
 from facecls.core.console import Console
 from facecls.core.errors import FaceclsError
 from facecls.data.datasets import ImageFiles, shard
 from facecls.data.images import UnreadableImage, check_decodes
 from facecls.data.pipeline import loader_kwargs
-from facecls.data.scan import list_flat_images
+from facecls.data.scan import escape_name, list_flat_images
 from facecls.runtime.distributed import DistEnv, broadcast_object, gather_objects
 from facecls.runtime.speed import CompiledInference, Runtime, fold_batchnorm, use_compiled_inference
 
@@ -132,6 +133,9 @@ def predict_folder(
     """One row per image (``image_name,label``), sorted by name. Rows stream to the file, so memory
     does not grow with the folder. Unreadable images fail the run up front unless skipped.
     ``env``: the process group the caller joined (default: this process alone)."""
+    out = Path(out)
+    if out.is_dir():
+        raise FaceclsError(f"--out {out} is a folder; name the CSV file to write, e.g. {out / 'submission.csv'}")
     env = env or DistEnv()
     console = Console(enabled=env.is_main, progress=progress)
     loaded = load_run(run, checkpoint, local_rank=env.local_rank)
@@ -150,19 +154,15 @@ def predict_folder(
         runtime = dataclasses.replace(runtime, compile_inference=compile_inference)
     loader = predict_loader(dataset, batch_size, runtime, indices)
     model = inference_model(loaded.model, runtime, loaded.preprocess.input_size, len(paths), batch_size, console)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     skipped, no_face, written = [], [], 0
     bar = console.progress("predict", len(indices))
     local_rows: list[tuple[int, str]] = []
-    handle = None
-    if env.is_main and not env.enabled:  # surrogateescape: image names that are not UTF-8 are written back as is
-        handle = open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape")
-    writer = csv.writer(handle) if handle else None
-    if writer:
-        writer.writerow(["image_name", "label"])
-    try:
+    with contextlib.ExitStack() as stack:
+        writer = None
+        if env.is_main and not env.enabled:  # rows stream straight into the (temporary) output file
+            writer = csv.writer(stack.enter_context(atomic_write(out, "w", newline="")))
+            writer.writerow(["image_name", "label"])
         for pred, idx, status in predict_batches(model, loader, loaded.normalize, runtime):
             for i, p, s in zip(idx, pred, status, strict=True):
                 name = paths[i].name
@@ -172,7 +172,7 @@ def predict_folder(
                 if s == "no-face":
                     no_face.append(name)
                 if writer:
-                    writer.writerow([name, loaded.class_names[p]])
+                    writer.writerow([escape_name(name), escape_name(loaded.class_names[p])])
                     written += 1
                 else:
                     local_rows.append((i, loaded.class_names[p]))
@@ -184,37 +184,33 @@ def predict_folder(
                 merged = sorted(r for part in parts for r in part[0])
                 skipped = sorted(n for part in parts for n in part[1])
                 no_face = sorted(n for part in parts for n in part[2])
-                with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as h:
-                    w = csv.writer(h)
-                    w.writerow(["image_name", "label"])
-                    for i, label in merged:
-                        w.writerow([paths[i].name, label])
+                if not skipped or skip_unreadable:
+                    with atomic_write(out, "w", newline="") as h:
+                        w = csv.writer(h)
+                        w.writerow(["image_name", "label"])
+                        for i, label in merged:
+                            w.writerow([escape_name(paths[i].name), escape_name(label)])
                 written = len(merged)
-    finally:
-        if handle:
-            handle.close()
-    report_compile_failure(model, console)
+        report_compile_failure(model, console)
+        if env.is_main and skipped and not skip_unreadable:  # raised inside: the temp file goes, out stays
+            raise FaceclsError(
+                f"{len(skipped)} images could not be decoded ({_list_for_error(skipped)}); nothing written. "
+                "Pass --skip-unreadable to leave them out."
+            )
     if not env.is_main:
         return PredictSummary(out, 0)
-    if skipped and not skip_unreadable:
-        tmp.unlink(missing_ok=True)
-        raise FaceclsError(
-            f"{len(skipped)} images could not be decoded ({_list_for_error(skipped)}); nothing written. "
-            "Pass --skip-unreadable to leave them out."
-        )
-    os.replace(tmp, out)
     summary = PredictSummary(out, written, skipped, no_face)
     if detect:
         report = out.with_name(out.stem + "_detect_report.csv")
         no_face_set, skipped_set = set(no_face), set(skipped)
-        with open(report, "w", newline="", encoding="utf-8", errors="surrogateescape") as h:
+        with atomic_write(report, "w", newline="") as h:
             w = csv.writer(h)
             w.writerow(["image_name", "status"])
             for p in paths:
                 status = "unreadable" if p.name in skipped_set else "aligned"
                 if p.name in no_face_set:
                     status = "no-face (centre crop)"
-                w.writerow([p.name, status])
+                w.writerow([escape_name(p.name), status])
         console.log(
             f"detection: {len(paths) - len(no_face) - len(skipped)} aligned, {len(no_face)} without a face "
             f"(predicted on a centre crop); see {report}"

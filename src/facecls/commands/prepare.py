@@ -33,9 +33,10 @@ from typing import Any
 
 from PIL import Image
 
+from facecls.core.atomic import atomic_write, write_text
 from facecls.core.console import progress_bar
 from facecls.core.errors import FaceclsError
-from facecls.data.images import UnreadableImage, open_rgb
+from facecls.data.images import UnreadableImage, die_with_parent, open_rgb
 from facecls.data.scan import is_hidden
 from facecls.faces.align import FaceAligner, FaceReport
 from facecls.faces.detect import Pick, find_yunet_onnx, import_cv2
@@ -73,14 +74,31 @@ class PrepareSummary:
         return {**asdict(self), "report_path": str(self.report_path)}
 
 
-def list_inputs(raw_dir: Path) -> list[Path]:
-    """Every non-hidden file under ``raw_dir``, as sorted paths relative to it."""
+def list_inputs(raw_dir: Path, skipped: list[Path] | None = None) -> list[Path]:
+    """Every non-hidden file under ``raw_dir``, as sorted paths relative to it.
+
+    Symlinked folders directly under ``raw_dir`` (identity folders kept elsewhere) are followed; a
+    symlinked folder deeper down is not (it could loop back) and is appended to ``skipped``."""
+    raw_dir = Path(raw_dir)
     found = []
-    for root, dirs, files in os.walk(raw_dir):
-        dirs[:] = sorted(d for d in dirs if not is_hidden(d))
-        for name in files:
-            if not is_hidden(name):
-                found.append((Path(root) / name).relative_to(raw_dir))
+    tops = [raw_dir]
+    while tops:
+        top = tops.pop()
+        for root, dirs, files in os.walk(top):
+            for d in list(dirs):
+                if not is_hidden(d) and os.path.islink(os.path.join(root, d)):
+                    dirs.remove(d)
+                    link = Path(root) / d
+                    if Path(root) == raw_dir:
+                        tops.append(link)
+                    elif skipped is not None:
+                        skipped.append(link.relative_to(raw_dir))
+            dirs[:] = sorted(d for d in dirs if not is_hidden(d))
+            for name in files:
+                if not is_hidden(name):
+                    found.append((Path(root) / name).relative_to(raw_dir))
+    if skipped is not None:
+        skipped.sort(key=lambda p: p.as_posix())
     return sorted(found, key=lambda p: p.as_posix())
 
 
@@ -93,12 +111,8 @@ def _save_atomic(crop: Any, path: Path) -> None:
     """Write via a temporary file so an interrupted run never leaves a half-written crop to resume from."""
     image_format, options = _SAVE_OPTIONS.get(path.suffix.lower(), ("PNG", {}))
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        Image.fromarray(crop).save(temporary, format=image_format, **options)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_write(path, "wb") as handle:
+        Image.fromarray(crop).save(handle, format=image_format, **options)
 
 
 def _process(aligner: FaceAligner, raw_dir: Path, out_dir: Path, relative: Path) -> dict[str, str]:
@@ -134,6 +148,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(aligner_options: dict[str, Any], raw_dir: Path, out_dir: Path) -> None:
+    die_with_parent()
     import_cv2().setNumThreads(1)  # parallelism comes from the processes
     _WORKER.update(aligner=FaceAligner(**aligner_options), raw_dir=raw_dir, out_dir=out_dir)
 
@@ -172,7 +187,7 @@ def _check_config(out_dir: Path, config: dict[str, Any]) -> None:
             )
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config, indent=2) + "\n")
+        write_text(path, json.dumps(config, indent=2) + "\n")
 
 
 def _previous_rows(report_path: Path) -> dict[str, dict[str, str]]:
@@ -183,12 +198,10 @@ def _previous_rows(report_path: Path) -> dict[str, dict[str, str]]:
 
 
 def _write_report(path: Path, rows: list[dict[str, str]]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("w", newline="") as f:
+    with atomic_write(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=REPORT_COLUMNS)
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda r: r["file"]))
-    os.replace(temporary, path)
 
 
 def _run(
@@ -260,7 +273,8 @@ def prepare_folder(
     report_path = out_dir / REPORT_NAME
     previous = _previous_rows(report_path)
     rows, pending = [], []
-    inputs = list_inputs(raw_dir)
+    linked_folders: list[Path] = []
+    inputs = list_inputs(raw_dir, linked_folders)
     if not inputs:
         raise FaceclsError(f"no files under {raw_dir} (hidden files are ignored); point it at your raw images")
     for relative in inputs:
@@ -278,6 +292,15 @@ def prepare_folder(
         else:
             pending.append(relative)
     done_before = len(rows)
+    for folder in linked_folders:
+        rows.append(
+            {
+                **dict.fromkeys(REPORT_COLUMNS, ""),
+                "file": folder.as_posix() + "/",
+                "status": "skipped-symlink",
+                "detail": "symlinked folder inside an identity folder: not followed",
+            }
+        )
 
     workers = min(workers or _default_workers(), max(1, len(pending)))
     if len(pending) < 8:

@@ -31,6 +31,7 @@ import numpy as np
 from facecls.core import runs
 from facecls.core.console import Console
 from facecls.core.errors import FaceclsError
+from facecls.data.scan import unescape_name
 
 MAX_PAIRS = 20
 """most-confused identity pairs shown"""
@@ -78,12 +79,14 @@ class Prediction:
 
 
 def read_predictions(path: Path) -> list[Prediction]:
+    """The rows of ``predictions_<split>.csv``, with file and identity names as they are on disk."""
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
         rows = list(csv.DictReader(handle))
     out = []
     for r in rows:
-        top = [(r[f"pred_{k}"], float(r[f"score_{k}"])) for k in range(1, 6) if r.get(f"pred_{k}")]
-        out.append(Prediction(r["path"], r["identity"], r["correct"] == "1", float(r["true_score"]), top))
+        top = [(unescape_name(r[f"pred_{k}"]), float(r[f"score_{k}"])) for k in range(1, 6) if r.get(f"pred_{k}")]
+        path, identity = unescape_name(r["path"]), unescape_name(r["identity"])
+        out.append(Prediction(path, identity, r["correct"] == "1", float(r["true_score"]), top))
     return out
 
 

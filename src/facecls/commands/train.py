@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +20,7 @@ from facecls.core.run_folder import RunFolder
 from facecls.data.scan import find_labelled_images
 from facecls.engine.builder import TrainingSetup, build_data, build_training, micro_batch_size
 from facecls.engine.loop import Loop, recipe_phases, run_callbacks
-from facecls.runtime.distributed import barrier, init_distributed
+from facecls.runtime.distributed import DistEnv, barrier, init_distributed
 from facecls.runtime.speed import resolve_runtime, use_cpu_threads
 
 
@@ -92,27 +96,36 @@ def train(
     device: str | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train ``recipe`` on ``data_dir`` into ``run`` (or continue the run in ``run`` with resume)."""
+    """Train ``recipe`` on ``data_dir`` into ``run`` (or continue the run in ``run`` with resume). The main
+    process holds the run folder's lock from its first look at the folder to the end."""
     env = init_distributed(device)
     console = Console(enabled=env.is_main, progress=progress)
     folder = RunFolder(run)
-    resumed = None
-    if resume:
-        resumed = folder.resume(env.is_main)
-        recipe, data_dir, manifest = resumed.recipe, resumed.data_dir, resumed.manifest
-        console.log(resumed.describe(folder.path))
-    else:
+    if not resume:
         if data_dir is None:
             raise FaceclsError("--data DIR is required for a new run")
         find_labelled_images(Path(data_dir))  # a wrong --data fails before the run folder is created
-        if env.is_main:
-            folder.create()
+    with _sigterm_exits_at_once(folder.path, env):
+        try:
+            resumed = None
+            if resume:
+                resumed = folder.resume(env.is_main)
+                recipe, data_dir, manifest = resumed.recipe, resumed.data_dir, resumed.manifest
+                console.log(resumed.describe(folder.path))
+            elif env.is_main:
+                folder.create()
+            return _train_in(folder, recipe, Path(data_dir), env, console, resumed, manifest, offline, device)
+        finally:
+            folder.release()
+
+
+def _train_in(folder, recipe, data_dir, env, console, resumed, manifest, offline, device) -> TrainResult:
     barrier(env)
     runtime = resolve_runtime(recipe.speed, device, env.local_rank)
     use_cpu_threads(runtime)
     seed_everything(recipe.train.seed)
     micro_batch_size(recipe.train, env.world_size)  # a batch that does not divide fails before the data work
-    data = build_data(recipe, Path(data_dir), runtime, env, manifest=manifest)
+    data = build_data(recipe, data_dir, runtime, env, manifest=manifest)
     if resumed is not None:
         resumed.check(data.manifest_sha256, data.class_names, folder.path)
     skipped = data.skipped
@@ -123,7 +136,7 @@ def train(
     checkpoint = resumed.checkpoint if resumed is not None else None
     setup = build_training(
         recipe,
-        Path(data_dir),
+        data_dir,
         runtime,
         env,
         data=data,
@@ -146,3 +159,28 @@ def train(
     final = final_evaluation(folder, setup, console)
     return TrainResult(folder.path, recipe.train.epochs, state.best_val_acc, final)
 
+
+@contextlib.contextmanager
+def _sigterm_exits_at_once(run: Path, env: DistEnv):
+    """SIGTERM outside the training loop (data scan, decoding, final evaluation): nothing is worth
+    finishing there, so the process ends at once, as a preempted job must, with the resume command on
+    one line and exit code 143. Inside the loop the StopOnSignal callback takes over (it saves first).
+    Files being written are left as temp files (removed by the resume), worker processes die with this
+    one, and a half-built decoded cache is removed by the next run."""
+    if env.enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_now(signum, frame) -> None:
+        if (run / "config.yaml").is_file():
+            what = f"continue with `facecls train --resume {run}`"
+        else:
+            what = "nothing was trained yet: run the same command again"
+        os.write(2, f"facecls: stopped (SIGTERM) outside the training loop; {what}\n".encode())
+        os._exit(128 + signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

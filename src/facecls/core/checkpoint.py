@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import errno
-import functools
-import os
 import random
 import re
-import tempfile
+import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from facecls.core import atomic
+from facecls.core.atomic import atomic_write
 from facecls.core.errors import FaceclsError
 
 FORMAT_VERSION = 1
@@ -44,39 +44,36 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """Write ``state`` to ``path`` atomically: temp file in the same folder, fsync, rename, fsync dir.
+    """Write ``state`` to ``path`` atomically (through the one writer, ``atomic_write``).
 
     If writing fails (a full disk, say) the temp file is removed and the previous file is untouched.
     """
     path = Path(path)
     state = {"format_version": FORMAT_VERSION, **state}
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is a normal file
+        with atomic_write(path, "wb") as handle:
             torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise FaceclsError(_write_error(exc, path)) from None
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError as exc:
+        raise FaceclsError(_write_error(exc, path)) from None
+    except RuntimeError as exc:
+        # torch.save's zip writer turns a failed write (ENOSPC included) into a RuntimeError
+        # ("[enforce fail at inline_container.cc:...] . unexpected pos ..."), the OSError lost.
+        if "inline_container" not in str(exc) and "PytorchStreamWriter" not in str(exc):
+            raise
+        raise FaceclsError(_write_error(_as_os_error(exc, path), path)) from None
+
+
+def _as_os_error(exc: RuntimeError, path: Path) -> OSError:
+    """The OSError behind a RuntimeError of torch's zip writer: the chained one, or ENOSPC when the
+    folder's file system has next to no free space left (the usual reason), else EIO."""
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError):
+        return cause
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-@functools.cache
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        full = shutil.disk_usage(path.parent).free < 64 * 2**20
+    except OSError:
+        full = False
+    return OSError(errno.ENOSPC if full else errno.EIO, "write failed" if not full else "No space left on device")
 
 
 def _write_error(exc: OSError, path: Path) -> str:
@@ -87,18 +84,20 @@ def _write_error(exc: OSError, path: Path) -> str:
 
 
 def remove_stale_temp_files(folder: Path) -> None:
-    """Delete the temp files of checkpoint saves that a killed process left behind."""
-    for tmp in Path(folder).glob(".*.ckpt.*.tmp"):
-        tmp.unlink(missing_ok=True)
+    """Delete the temp files of saves that a killed process left behind (run folder lock held)."""
+    atomic.remove_stale_temp_files(folder)
 
 
 def describe_load_error(exc: Exception) -> str:
     """One line on why ``torch.load(weights_only=True)`` refused a file (torch's own text is a page
     that ends by suggesting weights_only=False, which is exactly what must not be done here)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    unsafe = re.search(r"WeightsUnpickler error: ([^\n]*?)(\.\s|\n|$)", text)
-    if unsafe:
+    unsafe = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(\.\s|\n|$)", text)
+    if unsafe and re.search(r"Unsupported global|GLOBAL|REDUCE|BUILD", text):
         return f"it holds Python objects that could run code when unpickled: {unsafe.group(1)[:160]}"
+    if unsafe:  # a pickle opcode torch does not know: bytes that are no checkpoint at all
+        detail = next((line.strip() for line in text[unsafe.start() :].splitlines()[1:] if line.strip()), "")
+        return f"not a torch checkpoint: damaged or random bytes ({detail[:120]})"
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
     return f"truncated or corrupt file ({type(exc).__name__}: {first[:160]})" if first else type(exc).__name__
 
@@ -112,13 +111,34 @@ def load_checkpoint(path: Path) -> dict:
         with warnings.catch_warnings():  # torch's warnings would come before the one-line refusal
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as exc:  # other OSErrors (EINVAL from a seek past the end) mean a torn file
+        raise FaceclsError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
     except Exception as exc:  # noqa: BLE001 - corrupt or unsafe: either way, refuse with a clear line
         raise FaceclsError(
             f"refusing to load {path}: not a readable facecls checkpoint ({describe_load_error(exc)})"
+            + _intact_sibling_hint(path)
         ) from None
     if not isinstance(state, dict) or "model" not in state or "class_names" not in state:
         raise FaceclsError(f"{path} is not a facecls checkpoint")
     return state
+
+
+def _intact_sibling_hint(path: Path) -> str:
+    """For a damaged last.ckpt: whether the run's best.ckpt next to it still loads, and how to use it."""
+    best = path.with_name("best.ckpt")
+    if path.name != "last.ckpt" or not best.is_file():
+        return ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(best, map_location="cpu", weights_only=True)
+        epoch = int(state["epoch"])
+    except Exception:  # noqa: BLE001 - damaged too: no hint to give
+        return ""
+    return (
+        f"; {best.name} (epoch {epoch}) is intact: evaluate/predict use it, and copying it over "
+        f"{path.name} resumes training from the end of epoch {epoch}"
+    )
 
 
 def load_model_state(model: torch.nn.Module, weights: dict, source: Path | str) -> None:

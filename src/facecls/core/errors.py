@@ -6,3 +6,12 @@ class FaceclsError(Exception):
 
     The message must say what is wrong and what to do about it.
     """
+
+
+class Stopped(FaceclsError):
+    """A run stopped on request (SIGINT, SIGTERM) with its progress saved: the CLI prints the message
+    (how to resume) on one line and exits with 128 + the signal number (130, 143), as a shell does."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

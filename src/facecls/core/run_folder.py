@@ -7,12 +7,14 @@ RUN/
   last.ckpt best.ckpt                         skipped_files.csv
   eval_<split>.json  per_class_<split>.csv    predictions_<split>.csv   (from evaluate)
   kaggle.json                                 (from score --run)
+  .lock              held (flock) by the process that writes the run; see runs.RunLock
 
-Writes go through the helpers in facecls.core.runs (atomic: temp file, then rename).
+Writes go through the helpers in facecls.core.runs, over the one atomic writer (facecls.core.atomic).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +66,7 @@ class RunFolder:
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
+        self.lock: runs.RunLock | None = None  # held while this process writes the run (create, resume)
 
     def __str__(self) -> str:
         return str(self.path)
@@ -116,43 +119,66 @@ class RunFolder:
 
     # ---- starting and resuming ---------------------------------------------------------------------
     def create(self) -> None:
-        """A fresh run: refuse a folder that already holds one, else create it."""
-        if any((self.path / name).exists() for name in ("last.ckpt", "metrics.csv", "config.yaml")):
-            raise FaceclsError(
-                f"{self.path} already holds a run: resume it with --resume {self.path}, or choose another --out"
-            )
+        """A fresh run: create the folder and lock it (:meth:`release` unlocks); refuse a folder that
+        already holds a run. The check runs with the lock held, so two trainings can never both decide
+        that one folder is theirs."""
         if self.path.exists() and not self.path.is_dir():
             raise FaceclsError(f"--out {self.path} is a file, not a folder")
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FaceclsError(f"cannot create run folder {self.path}: {exc.strerror or exc}") from None
+        with self._locked():
+            if any((self.path / name).exists() for name in ("last.ckpt", "metrics.csv", "config.yaml")):
+                raise FaceclsError(
+                    f"{self.path} already holds a run: resume it with --resume {self.path}, or choose another --out"
+                )
 
     def resume(self, is_main: bool = True) -> Resume:
-        """Everything continuing this run needs; the main process also tidies the folder for it (temp
-        files of killed checkpoint saves go; metrics rows of epochs after the checkpoint go, since those
-        epochs are trained again)."""
+        """Everything continuing this run needs. The main process locks the folder first (:meth:`release`
+        unlocks) and tidies it for the resume: temp files of killed saves go, and metrics rows of epochs
+        after the checkpoint go, since those epochs are trained again."""
         if not self.path.is_dir():
             raise FaceclsError(f"nothing to resume: run folder {self.path} does not exist")
-        missing = [name for name in RUN_FILES if not (self.path / name).is_file()]
-        if missing:
-            raise FaceclsError(
-                f"nothing to resume in {self.path}: not a facecls run folder (no {missing[0]}); "
-                "start a new run with --recipe and --data instead of --resume"
-            )
-        if is_main:
-            remove_stale_temp_files(self.path)
-        last = self.checkpoint("last")
-        state = load_checkpoint(last) if last.is_file() else None
-        recipe = self.read_recipe()
-        info = self.read_info()
-        if info.get("completed"):
-            raise FaceclsError(
-                f"run {self.path} already finished its {recipe.train.epochs} epochs; nothing to resume "
-                f"(evaluate it with `facecls evaluate {self.path}`, or train a new run with another --out)"
-            )
-        resume = Resume(recipe, Path(info["data_dir"]), self.split, state)
-        if is_main:
-            runs.truncate_metrics(self.metrics, resume.epochs_done)
-            runs.plot_curves(self.metrics, self.curves)
+        with self._locked() if is_main else contextlib.nullcontext():
+            missing = [name for name in RUN_FILES if not (self.path / name).is_file()]
+            if missing:
+                raise FaceclsError(
+                    f"nothing to resume in {self.path}: not a facecls run folder (no {missing[0]}); "
+                    "start a new run with --recipe and --data instead of --resume"
+                )
+            if is_main:
+                remove_stale_temp_files(self.path)
+            last = self.checkpoint("last")
+            state = load_checkpoint(last) if last.is_file() else None
+            recipe = self.read_recipe()
+            info = self.read_info()
+            if info.get("completed"):
+                raise FaceclsError(
+                    f"run {self.path} already finished its {recipe.train.epochs} epochs; nothing to resume "
+                    f"(evaluate it with `facecls evaluate {self.path}`, or train a new run with another --out)"
+                )
+            resume = Resume(recipe, Path(info["data_dir"]), self.split, state)
+            if is_main:
+                runs.truncate_metrics(self.metrics, resume.epochs_done)
+                runs.plot_curves(self.metrics, self.curves)
         return resume
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """Take the run lock, kept after the block; released again if the block fails."""
+        self.lock = runs.RunLock(self.path)
+        try:
+            yield
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Unlock the folder (a no-op when this process did not lock it)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ---- writing -----------------------------------------------------------------------------------
     def write_split(self, rows: list[ManifestRow]) -> str:
@@ -200,10 +226,13 @@ class RunFolder:
         return runs.read_run_info(self.path)
 
     def read_class_names(self) -> list[str]:
-        return json.loads(self.classes.read_text(encoding="utf-8"))["class_names"]
+        return runs.read_class_names(self.path)
 
     def read_preprocess(self) -> Preprocess:
-        return Preprocess.from_dict(self.read_info()["preprocess"])
+        try:
+            return Preprocess.from_dict(self.read_info()["preprocess"])
+        except (KeyError, TypeError, ValueError):
+            raise FaceclsError(f"{self.info} is damaged (no valid 'preprocess' entry); train the run again") from None
 
     def read_eval(self, split: str) -> dict | None:
         """``evaluate``'s result on ``split`` (None: not evaluated on it)."""

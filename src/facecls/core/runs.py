@@ -4,7 +4,7 @@ environment. Which file is where, and the run as a whole: facecls.core.run_folde
 from __future__ import annotations
 
 import csv
-import io
+import fcntl
 import json
 import os
 import platform
@@ -16,6 +16,7 @@ import yaml
 
 from facecls import __version__
 from facecls.config import Recipe, recipe_from_dict, recipe_to_dict
+from facecls.core import atomic
 from facecls.core.errors import FaceclsError
 
 
@@ -52,35 +53,110 @@ def environment() -> dict:
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = Path(path).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def write_text_atomic(path: Path, text: str, errors: str = "strict") -> None:
-    """Write via a temp file and a rename, so a killed process never leaves half a file behind.
-    ``errors="surrogateescape"`` writes file names that are not UTF-8 back as they were read."""
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(text, encoding="utf-8", errors=errors)
-    os.replace(tmp, path)
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temp file and a rename, so a killed process never leaves half a file behind."""
+    atomic.write_text(path, text)
 
 
 def write_config(run: Path, recipe: Recipe) -> None:
     write_text_atomic(run / "config.yaml", yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
 
 
-def read_run_recipe(run: Path) -> Recipe:
-    path = run / "config.yaml"
+def _read_run_file(run: Path, name: str, parse):
+    """``parse(text)`` of RUN/NAME; a missing, unreadable, empty or garbled file is one clear error."""
+    path = run / name
     if not path.is_file():
-        raise FaceclsError(f"{run} is not a facecls run folder (no config.yaml); train one with `facecls train`")
-    return recipe_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))
+        raise FaceclsError(f"{run} is not a facecls run folder (no {name}); train one with `facecls train`")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise FaceclsError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and text.strip():
+        try:
+            return parse(text)
+        except FaceclsError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError) as exc:
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            what = f"not a valid {name} ({type(exc).__name__}: {detail[:120]})"
+    else:
+        what = "empty" if text is not None else "not UTF-8 text"
+    raise FaceclsError(
+        f"{path} is damaged ({what}): restore it from a backup, or train the run again "
+        "(evaluate and predict need config.yaml, run.json and classes.json)"
+    )
+
+
+def _mapping(value) -> dict:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected a mapping at the top, got {type(value).__name__}")
+    return value
+
+
+def read_run_recipe(run: Path) -> Recipe:
+    return _read_run_file(run, "config.yaml", lambda text: recipe_from_dict(_mapping(yaml.safe_load(text))))
 
 
 def read_run_info(run: Path) -> dict:
-    path = run / "run.json"
-    if not path.is_file():
-        raise FaceclsError(f"{run} is not a facecls run folder (no run.json)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return _read_run_file(run, "run.json", lambda text: _mapping(json.loads(text)))
+
+
+def read_class_names(run: Path) -> list[str]:
+    def parse(text: str) -> list[str]:
+        names = _mapping(json.loads(text))["class_names"]
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise ValueError("class_names must be a non-empty list of names")
+        return names
+
+    return _read_run_file(run, "classes.json", parse)
+
+
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """An exclusive ``flock`` on RUN/.lock, held while a process writes the run folder. The kernel drops it
+    when the process dies in any way, so a killed run never leaves a stale lock; the file stays."""
+
+    def __init__(self, run: Path):
+        self.run = Path(run)
+        path = self.run / LOCK_FILE
+        if not os.access(self.run, os.W_OK | os.X_OK):
+            raise FaceclsError(f"run folder {self.run} is not writable (permission denied)")
+        try:  # O_CLOEXEC: a program this process starts must not hold the lock on
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise FaceclsError(f"cannot lock run folder {self.run}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self.fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(self.fd)
+            raise FaceclsError(
+                f"run folder {self.run} is in use by another facecls process (PID {holder}); "
+                "wait for it to finish, stop it, or choose another --out"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            # Unlock first: forked children (loader workers that outlive the run in this process) share
+            # the open file description, and closing only this process's descriptor would keep it locked.
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def append_metrics(path: Path, row: dict) -> None:
@@ -109,13 +185,10 @@ def truncate_metrics(path: Path, epochs_done: int) -> None:
     if not rows:
         path.unlink()
         return
-    buffer = io.StringIO(newline="")
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\r\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buffer.getvalue().encode("utf-8"))
-    os.replace(tmp, path)
+    with atomic.atomic_write(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\r\n")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def curves_figure(rows: list[dict]):
@@ -163,5 +236,6 @@ def plot_curves(metrics_csv: Path, out_png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig = curves_figure(rows)
-    fig.savefig(out_png, dpi=90)
+    with atomic.atomic_write(out_png, "wb") as handle:
+        fig.savefig(handle, dpi=90, format="png")
     plt.close(fig)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader
 from facecls.config import AugmentConfig, DataConfig, Preprocess
 from facecls.core.errors import FaceclsError
 from facecls.data.datasets import EpochSampler, FaceImages, shard
-from facecls.data.images import DecodedCache, UnreadableImage, check_decodes
+from facecls.data.images import DecodedCache, UnreadableImage, check_decodes, die_with_parent, init_pool_worker
 from facecls.data.scan import SkippedFile, find_labelled_images
 from facecls.data.split import ManifestRow, class_names_from, read_manifest, stratified_split
 from facecls.data.transforms import train_transform
@@ -65,7 +66,7 @@ def find_unreadable(paths: list[Path], workers: int) -> dict[int, str]:
     """Decode every file once (no cache kept) and return {index: error} for the unreadable ones."""
     names = [str(p) for p in paths]
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(workers, initializer=init_pool_worker) as pool:
             results = list(pool.map(_check_one, names, chunksize=64))
     else:
         results = [_check_one(n) for n in names]
@@ -135,13 +136,17 @@ def build_datasets(
 def _init_worker(worker_id: int) -> None:
     """Set up a loader worker.
 
-    Ctrl-C belongs to the main process (training stops at a step boundary and saves); a worker that died
-    of it would break the step that is finishing, so workers ignore it. And a worker hands its batches'
+    Ctrl-C and SIGTERM (a scheduler's preemption notice, often sent to every process of the job) belong
+    to the main process (training stops at a step boundary and saves); a worker that died of them would
+    break the step that is finishing, so workers ignore both, and die with the main process instead
+    (die_with_parent), so none is ever left behind parentless. And a worker hands its batches'
     shared memory to the main process through multiprocessing's resource sharer; when the main process is
     killed in the middle of that handshake, the sharer's thread reports the reset connection with a full
     traceback on the terminal the user killed the run from. The worker exits right after (its parent is
     gone) and nothing is lost, so that one report is dropped; every other one still goes to the hook."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent()
     sys.excepthook = _quiet_when_the_receiver_died(sys.excepthook)
 
 
@@ -155,11 +160,33 @@ def _quiet_when_the_receiver_died(hook):
     return excepthook
 
 
+class _WorkerProcess(multiprocessing.get_context().Process):
+    """A loader worker. It ignores SIGTERM (see _init_worker), so every ``terminate()`` of it sends SIGKILL
+    instead: the loader's last resort for a worker that did not exit by itself, and multiprocessing's
+    exit handler, which terminates daemonic workers through their Popen object and then joins them
+    without a timeout (with SIGTERM ignored, a process that ends with live workers would never exit)."""
+
+    @staticmethod
+    def _Popen(process_obj):
+        popen = multiprocessing.get_context().Process._Popen(process_obj)
+        popen.terminate = popen.kill
+        return popen
+
+
+class _WorkerContext(type(multiprocessing.get_context())):
+    Process = _WorkerProcess
+
+
 def loader_kwargs(workers: int, pin_memory: bool, persistent: bool = True) -> dict:
     """DataLoader settings; with ``persistent`` the workers stay up between passes."""
     kwargs = {"num_workers": workers, "pin_memory": pin_memory}
     if workers > 0:
-        kwargs.update(persistent_workers=persistent, prefetch_factor=4, worker_init_fn=_init_worker)
+        kwargs.update(
+            persistent_workers=persistent,
+            prefetch_factor=4,
+            worker_init_fn=_init_worker,
+            multiprocessing_context=_WorkerContext(),
+        )
     return kwargs
 
 

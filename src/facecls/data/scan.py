@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import csv
+import errno
 import os
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from facecls.core.atomic import atomic_write
 from facecls.core.errors import FaceclsError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".tif", ".tiff"})
@@ -33,6 +37,51 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+_FILE_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a folder",
+}
+
+
+def describe_file_kind(kind: int) -> str:
+    """``stat.S_IFMT(mode)`` in words."""
+    return _FILE_KINDS.get(kind, "a special file")
+
+
+def not_a_regular_file(path: Path) -> str | None:
+    """Why ``path`` cannot be opened as an image file (a dangling symlink, a symlink loop, a FIFO, a
+    device, a socket, a folder), or None for a regular file (or a symlink to one). Never opens it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "dangling symlink" if os.path.islink(path) else "vanished while scanning"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop"
+        return f"cannot read it ({exc.strerror or exc})"
+    kind = stat.S_IFMT(st.st_mode)
+    return None if kind == stat.S_IFREG else f"not a regular file ({describe_file_kind(kind)})"
+
+
+def escape_name(name: str) -> str:
+    """A file name as valid UTF-8 text, for CSV files and messages. A name that is valid UTF-8 stays as
+    it is; in one that is not (Python holds its bytes as surrogates), each byte that is not part of
+    valid UTF-8 is written as ``\\xNN`` (``caf\\xe9.jpg`` for Latin-1 ``café.jpg``). ``unescape_name``
+    gives the name back (exactly, unless the valid part itself holds a literal ``\\xNN``)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def unescape_name(text: str) -> str:
+    """The file name that ``escape_name`` wrote as ``text``."""
+    if "\\x" not in text:
+        return text
+    raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m.group(1), 16)]), text.encode("utf-8"))
+    return raw.decode("utf-8", "surrogateescape")
+
+
 def is_image_name(name: str) -> bool:
     return not is_hidden(name) and Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
@@ -49,18 +98,29 @@ def scan_identity_folders(root: Path, subdir: str) -> tuple[list[Sample], list[S
     for entry in sorted(base.iterdir(), key=lambda p: p.name):
         rel = f"{subdir}/{entry.name}"
         if not entry.is_dir():
-            skipped.append(SkippedFile(rel, "not inside an identity folder"))
+            why = not_a_regular_file(entry)
+            where = "not inside an identity folder"
+            skipped.append(SkippedFile(rel, f"{why}, {where}" if why else where))
             continue
         if is_hidden(entry.name):
             skipped.append(SkippedFile(rel + "/", "hidden folder"))
             continue
+        if not os.access(entry, os.R_OK | os.X_OK):
+            why = "identity folder not readable (permission denied; identity left out)"
+            skipped.append(SkippedFile(rel + "/", why))
+            continue
         found = 0
         for file in sorted(entry.rglob("*"), key=lambda p: p.as_posix()):
-            if file.is_dir():
-                continue
             file_rel = f"{rel}/{file.relative_to(entry).as_posix()}"
+            if file.is_dir():
+                if file.is_symlink():  # rglob does not descend into it (it could loop back)
+                    skipped.append(SkippedFile(file_rel + "/", "symlinked folder inside an identity (not followed)"))
+                continue
+            why = None if is_hidden(file.name) else not_a_regular_file(file)
             if is_hidden(file.name):
                 skipped.append(SkippedFile(file_rel, "hidden file"))
+            elif why:
+                skipped.append(SkippedFile(file_rel, why))
             elif file.suffix.lower() not in IMAGE_EXTENSIONS:
                 skipped.append(SkippedFile(file_rel, f"not an image extension ({file.suffix or 'none'})"))
             else:
@@ -101,8 +161,11 @@ def list_flat_images(folder: Path) -> tuple[list[Path], list[SkippedFile]]:
         raise FaceclsError(f"image folder {folder} does not exist")
     images, skipped = [], []
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        why = None if is_hidden(entry.name) else not_a_regular_file(entry)
         if entry.is_dir():
             skipped.append(SkippedFile(entry.name + "/", "folder inside a flat image folder"))
+        elif why:
+            skipped.append(SkippedFile(entry.name, why))
         elif is_image_name(entry.name):
             images.append(entry)
         else:
@@ -113,13 +176,10 @@ def list_flat_images(folder: Path) -> tuple[list[Path], list[SkippedFile]]:
 
 
 def write_skipped(path: Path, skipped: list[SkippedFile]) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+    with atomic_write(path, "w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "reason"])
-        writer.writerows((s.path, s.reason) for s in skipped)
-    os.replace(tmp, path)
+        writer.writerows((escape_name(s.path), s.reason) for s in skipped)
 
 
 def read_skipped(path: Path) -> list[SkippedFile]:
@@ -127,7 +187,7 @@ def read_skipped(path: Path) -> list[SkippedFile]:
     if not Path(path).is_file():
         return []
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
-        return [SkippedFile(r["path"], r["reason"]) for r in csv.DictReader(handle)]
+        return [SkippedFile(unescape_name(r["path"]), r["reason"]) for r in csv.DictReader(handle)]
 
 
 def _ext_list() -> str:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from facecls.core.atomic import write_bytes
 from facecls.core.errors import FaceclsError
 from facecls.data.scan import Sample
 
@@ -92,9 +92,7 @@ def write_manifest(path: Path, rows: list[ManifestRow]) -> str:
     data = manifest_bytes(rows)
     path = Path(path)
     if not path.is_file() or path.read_bytes() != data:  # a resumed run rewrites the same bytes
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)  # atomic: a killed process never leaves half a manifest
+        write_bytes(path, data)  # atomic: a killed process never leaves half a manifest
     return hashlib.sha256(data).hexdigest()
 
 

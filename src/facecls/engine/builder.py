@@ -240,8 +240,12 @@ def build_training(
     data_dir = Path(data_dir)
     if data is None:
         data = build_data(recipe, data_dir, runtime, env, manifest=manifest, cache_root=cache_root, splits=splits)
-    if "train" not in data.datasets:
-        raise FaceclsError("no readable training images")
+    if not data.datasets.get("train"):
+        unreadable = sum(1 for s in data.skipped if s.reason.startswith("unreadable"))
+        raise FaceclsError(
+            f"no readable training images under {data_dir}/train ({unreadable} unreadable); "
+            "see skipped_files.csv in the run folder"
+        )
     train_set = data.datasets["train"]
     model = create_model(recipe.model.name, len(data.class_names), recipe.model.head)
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):

@@ -19,7 +19,7 @@ from torch import nn
 from facecls.config import recipe_to_dict
 from facecls.core.checkpoint import load_model_state, rng_state, set_rng_state
 from facecls.core.console import Console
-from facecls.core.errors import FaceclsError
+from facecls.core.errors import Stopped
 from facecls.core.run_folder import RunFolder
 from facecls.engine.builder import TrainingSetup, set_phase
 from facecls.engine.steps import RunningStats, StepContext, evaluate, train_one_epoch
@@ -161,7 +161,7 @@ class Loop:
         except KeyboardInterrupt:
             # Under torchrun nothing is saved here: the processes may be at different points, and a
             # collective (or a checkpoint off by one step) would be wrong. The last checkpoint stands.
-            raise FaceclsError(f"interrupted; resume from the last checkpoint with {self.resume_hint}") from None
+            raise Stopped(f"interrupted; resume from the last checkpoint with {self.resume_hint}", 130) from None
 
     def _end_epoch(self, phase: Phase, train: RunningStats, seconds: float) -> None:
         s, state = self.setup, self.state
@@ -366,6 +366,7 @@ class StopOnSignal(Callback):
     def __init__(self, folder: RunFolder):
         self.folder = folder
         self.previous: dict = {}
+        self.signal = signal.SIGINT
 
     def on_fit_start(self, loop: Loop) -> None:
         loop.state.stop_requested = False
@@ -375,8 +376,11 @@ class StopOnSignal(Callback):
         def request_stop(signum, frame) -> None:
             if loop.state.stop_requested and signum == signal.SIGINT:
                 raise KeyboardInterrupt
-            loop.state.stop_requested = True
-            os.write(2, b"\nstopping after this step (saving a checkpoint); Ctrl-C again to stop at once\n")
+            if not loop.state.stop_requested:
+                again = "; Ctrl-C again to stop at once" if signum == signal.SIGINT else ""
+                name = signal.Signals(signum).name
+                os.write(2, f"\n{name}: stopping after this step (saving a checkpoint){again}\n".encode())
+            loop.state.stop_requested, self.signal = True, signum
 
         self.previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
 
@@ -393,14 +397,15 @@ class StopOnSignal(Callback):
         if loop.state.stop_requested and loop.state.epoch < loop.epochs:
             raise self.stopped(loop)
 
-    def stopped(self, loop: Loop) -> FaceclsError:
+    def stopped(self, loop: Loop) -> Stopped:
         state = loop.state
         where = f"epoch {state.epoch}"
         if state.step_in_epoch:
             where = f"epoch {state.epoch + 1}, step {state.step_in_epoch}"
-        return FaceclsError(
-            f"stopped at the end of {where}; progress saved in {self.folder.checkpoint('last')}: "
-            f"continue with `facecls train --resume {self.folder}`"
+        return Stopped(
+            f"stopped ({signal.Signals(self.signal).name}) at the end of {where}; progress saved in "
+            f"{self.folder.checkpoint('last')}: continue with `facecls train --resume {self.folder}`",
+            128 + int(self.signal),
         )
 
 

@@ -68,11 +68,25 @@ class Runtime:
         return asdict(self)
 
 
+def check_device(device: str) -> None:
+    """A device this machine has: ``cpu``, or ``cuda``/``cuda:N`` with such a GPU present."""
+    if device == "cpu":
+        return
+    index = device.partition(":")[2]
+    if not device.startswith("cuda") or device.partition(":")[0] != "cuda" or (index and not index.isdigit()):
+        raise FaceclsError(f"unknown device '{device}'; use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise FaceclsError(f"--device {device}: no CUDA GPU is available on this machine; use --device cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise FaceclsError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+
+
 def resolve_runtime(config: SpeedConfig, device: str | None = None, local_rank: int = 0) -> Runtime:
     """Pick device, precision and loader settings from ``config`` and the machine."""
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     is_cuda = device.startswith("cuda")
+    check_device(device)
     precision = config.precision
     if precision == "auto":
         if is_cuda:
