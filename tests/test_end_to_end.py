@@ -48,6 +48,8 @@ def test_train_evaluate_predict_score_compare(orl_data, tmp_path, capsys):
             "--set",
             "train.frozen_epochs=2",
             "--set",
+            "train.head_max_epochs=2",
+            "--set",
             "optim.lr=0.01",
             "--set",
             "train.batch_size=32",

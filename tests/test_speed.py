@@ -73,6 +73,19 @@ def test_fold_batchnorm_only_where_it_changes_nothing(reuse):
         assert isinstance(folded.bn, torch.nn.Identity)
 
 
+def test_fold_batchnorm_folds_linear_into_batchnorm1d():
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        head.train()(torch.randn(16, 6) * 3 + 1)  # non-trivial running statistics
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), head)
+    folded = fold_batchnorm(model.eval(), input_size=8)
+    assert isinstance(folded[3][1], torch.nn.Identity) and isinstance(model[3][1], torch.nn.BatchNorm1d)
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
+
+
 def _small_net() -> torch.nn.Module:
     torch.manual_seed(0)
     net = torch.nn.Sequential(

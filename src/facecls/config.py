@@ -7,6 +7,7 @@ the YAML file or overridden on the command line with ``--set section.field=value
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -82,11 +83,48 @@ class HeadConfig:
     """Hidden width: Linear -> BatchNorm1d -> ReLU -> Dropout -> Linear (the seed notebook: 512);
     null gives Dropout -> Linear."""
     dropout: float = 0.5
-    """Dropout probability before the last Linear."""
+    """Dropout probability before the last Linear (before the normalisation for the cosine heads)."""
+    kind: Literal["linear", "cosine", "arcface", "cosface", "nearest_mean", "knn"] = "linear"
+    """linear: a Linear layer; cosine: scaled cosines to L2-normalised class weights; arcface / cosface: the
+    same with insightface's additive angular / cosine margin on the target class in training only;
+    nearest_mean / knn: no gradient steps, cosine to the class means / k nearest training features (needs
+    train.unfreeze: none)."""
+    k: int = 10
+    """knn: the number of neighbours (weighted by 1 / cosine distance)."""
+    scale: float | None = None
+    """Cosine heads: the scale s of the cosines; null: 64 (insightface's)."""
+    margin: float | None = None
+    """arcface: the angular margin m in radians (null: 0.5); cosface: the cosine margin (null: 0.4)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.dropout < 1:
             raise ValueError(f"model.head.dropout must be in [0, 1), got {self.dropout}")
+        if self.kind in ("linear", "knn") and (self.scale is not None or self.margin is not None):
+            raise ValueError("model.head.scale and model.head.margin apply to the cosine, arcface and cosface heads")
+        if self.kind == "nearest_mean" and self.margin is not None:
+            raise ValueError("model.head.kind=nearest_mean has no margin")
+        if self.k < 1:
+            raise ValueError(f"model.head.k must be >= 1, got {self.k}")
+        if self.kind != "linear" and self.hidden:
+            raise ValueError(f"model.head.hidden applies to the linear head only, not to {self.kind}")
+        if self.kind == "cosine" and self.margin not in (None, 0, 0.0):
+            raise ValueError("model.head.kind=cosine has no margin; use arcface or cosface for one")
+        if self.scale is not None and self.scale <= 0:
+            raise ValueError(f"model.head.scale must be > 0, got {self.scale}")
+        if self.margin is not None:
+            limit = math.pi / 2 if self.kind == "arcface" else 1.0
+            if not 0 <= self.margin < limit:
+                raise ValueError(f"model.head.margin for {self.kind} must be in [0, {limit:.4g}), got {self.margin}")
+
+    @property
+    def resolved_scale(self) -> float:
+        return 64.0 if self.scale is None else self.scale
+
+    @property
+    def resolved_margin(self) -> float:
+        if self.margin is not None:
+            return self.margin
+        return {"arcface": 0.5, "cosface": 0.4}.get(self.kind, 0.0)
 
 
 @dataclass
@@ -103,6 +141,10 @@ class ModelConfig:
     """Expected SHA-256 of the weights file; a mismatch is refused."""
     head: HeadConfig = field(default_factory=HeadConfig)
     """Classification head."""
+    flip_tta: bool | None = None
+    """Evaluation and prediction: feed the backbone each image and its mirror and give the head the mean
+    of the two features (test-time augmentation); null: on for the face-embedding models that gain from it
+    (see `facecls models`), off otherwise. `--no-tta` turns it off for one evaluate/predict."""
 
 
 @dataclass
@@ -146,14 +188,25 @@ class TrainConfig:
     """The training schedule."""
 
     epochs: int = 10
-    """Total epochs, frozen ones included."""
+    """Total epochs, frozen ones included (with stored features: frozen_epochs + fine-tuning epochs)."""
     frozen_epochs: int = 0
     """Epochs at the start that train the head only."""
-    unfreeze: Literal["all", "last_params", "last_blocks"] = "all"
+    unfreeze: Literal["all", "last_params", "last_blocks", "none"] = "all"
     """After the frozen epochs, train everything, the last N parameter tensors of the whole model
-    (the seed's meaning of "the last N layers"; the head counts), or the last N backbone blocks."""
+    (the seed's meaning of "the last N layers"; the head counts), the last N backbone blocks, or nothing
+    more (none: the backbone stays frozen, only the head is trained)."""
     unfreeze_last_n: int = 0
     """N for unfreeze: last_params / last_blocks."""
+    feature_views: int = 2
+    """While the backbone is frozen, train the head on stored features: each training image's embedding
+    computed once per view (1: the image; 2: and its mirror; more: random augmentations) and kept in the
+    cache for later runs; the head phase then lasts until validation stops improving (head_patience, at
+    most head_max_epochs) and frozen_epochs only says that there is one. 0: the frozen epochs run the
+    backbone on augmented images, frozen_epochs of them."""
+    head_patience: int = 5
+    """Stored-feature phase: stop after this many epochs without a better validation top-1."""
+    head_max_epochs: int = 100
+    """Stored-feature phase: at most this many epochs."""
     batch_size: int = 64
     """Global batch size (over all processes and accumulation steps)."""
     grad_accum: int = 1
@@ -174,10 +227,12 @@ class TrainConfig:
             raise ValueError(f"train.epochs must be >= 1, got {self.epochs}")
         if not 0 <= self.frozen_epochs <= self.epochs:
             raise ValueError(f"train.frozen_epochs must be in [0, epochs={self.epochs}], got {self.frozen_epochs}")
-        if self.unfreeze != "all" and self.unfreeze_last_n < 1:
+        if self.unfreeze in ("last_params", "last_blocks") and self.unfreeze_last_n < 1:
             raise ValueError(f"train.unfreeze={self.unfreeze} needs train.unfreeze_last_n >= 1")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("train.batch_size and train.grad_accum must be >= 1")
+        if self.feature_views < 0 or self.head_patience < 1 or self.head_max_epochs < 1:
+            raise ValueError("train.feature_views must be >= 0, train.head_patience and head_max_epochs >= 1")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
@@ -232,6 +287,14 @@ class Recipe:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.head.kind in ("nearest_mean", "knn"):
+            if self.train.unfreeze != "none" or self.train.feature_views < 1:
+                raise ValueError(
+                    f"model.head.kind={self.model.head.kind} takes no gradient steps: it needs a frozen backbone "
+                    "and stored features (train.unfreeze: none, train.feature_views >= 1)"
+                )
 
 
 @dataclass(frozen=True)

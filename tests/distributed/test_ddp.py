@@ -48,6 +48,7 @@ TINY = [
     "model.head.dropout=0",
     "train.epochs=2",
     "train.frozen_epochs=1",
+    "train.head_max_epochs=1",
     "train.batch_size=16",
     "train.max_steps_per_epoch=2",
     "train.sync_bn=true",

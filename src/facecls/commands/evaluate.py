@@ -20,7 +20,7 @@ from facecls.data.pipeline import build_datasets, eval_loader
 from facecls.data.scan import escape_name
 from facecls.data.transforms import Normalize
 from facecls.engine.steps import evaluate
-from facecls.models.registry import FaceClassifier, create_model
+from facecls.models.registry import FaceClassifier, create_model, default_flip_tta
 from facecls.runtime.distributed import DistEnv
 from facecls.runtime.speed import Runtime, resolve_runtime
 
@@ -38,10 +38,14 @@ class LoadedRun:
     runtime: Runtime
     normalize: Normalize
     checkpoint: dict
+    checkpoint_path: Path | None = None
 
 
-def load_run(run: Path, checkpoint: str = "best", device: str | None = None, local_rank: int = 0) -> LoadedRun:
-    """Read a run folder and build its model from ``best.ckpt`` (or ``last``, or a file path)."""
+def load_run(
+    run: Path, checkpoint: str = "best", device: str | None = None, local_rank: int = 0, tta: bool | None = None
+) -> LoadedRun:
+    """Read a run folder and build its model from ``best.ckpt`` (or ``last``, or a file path). ``tta``:
+    flip test-time augmentation on or off; None: the recipe's model.flip_tta (or the model's default)."""
     folder = RunFolder(run)
     run = folder.path
     if not run.is_dir():
@@ -59,10 +63,11 @@ def load_run(run: Path, checkpoint: str = "best", device: str | None = None, loc
     runtime = resolve_runtime(recipe.speed, device, local_rank)
     model = create_model(recipe.model.name, len(class_names), recipe.model.head)
     load_model_state(model, state["model"], ckpt_path)
+    model.flip_tta = default_flip_tta(recipe.model) if tta is None else tta
     memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
     model = model.to(runtime.device, memory_format=memory_format).eval()
     normalize = Normalize(preprocess.mean, preprocess.std, runtime.channels_last).to(runtime.device)
-    return LoadedRun(run, recipe, info, class_names, preprocess, model, runtime, normalize, state)
+    return LoadedRun(run, recipe, info, class_names, preprocess, model, runtime, normalize, state, ckpt_path)
 
 
 def evaluate_run(
@@ -74,6 +79,7 @@ def evaluate_run(
     env: DistEnv | None = None,
     console: Console | None = None,
     quiet: bool = False,
+    tta: bool | None = None,
 ) -> dict:
     """Top-1, top-5, loss, count; writes ``RUN/eval_<split>.json``, ``RUN/per_class_<split>.csv`` and
     ``RUN/predictions_<split>.csv`` (per image: true identity, top-5 identities and probabilities).
@@ -81,7 +87,7 @@ def evaluate_run(
     ``env``: the process group the caller joined (default: this process alone)."""
     env = env or DistEnv()
     console = console or Console(enabled=env.is_main)
-    loaded = load_run(run, checkpoint, local_rank=env.local_rank)
+    loaded = load_run(run, checkpoint, local_rank=env.local_rank, tta=tta)
     folder = RunFolder(run)
     rows = folder.read_split()
     if not any(r.split == split for r in rows):
@@ -114,8 +120,13 @@ def evaluate_run(
         "epoch": int(loaded.checkpoint["epoch"]),
         "model": loaded.recipe.model.name,
         "recipe": loaded.recipe.name,
+        "flip_tta": loaded.model.flip_tta,
     }
     if env.is_main:
+        from facecls.unknown import evaluate_open_set, wants_open_set
+
+        if wants_open_set(loaded) and len(set(preds.labels.tolist())) >= 2:
+            result["open_set"] = evaluate_open_set(loaded, split, batch_size=batch_size, console=console)
         _write_per_class(folder.per_class_csv(split), preds, loaded.class_names)
         relative = [Path(os.path.relpath(p, data_dir)).as_posix() for p in dataset.paths]
         write_predictions(folder.predictions_csv(split), preds, relative, loaded.class_names)
@@ -125,6 +136,19 @@ def evaluate_run(
                 f"{split}: top-1 {100 * metrics['top1']:.2f}%  top-5 {100 * metrics['top5']:.2f}%  "
                 f"loss {metrics['loss']:.4f}  ({metrics['count']} images)"
             )
+            if "open_set" in result:
+                o = result["open_set"]
+                at = (
+                    f"threshold {o['threshold']:.4f} (FAR {o['threshold_far']:g} on val): open-set accuracy "
+                    f"{100 * o['open_set_accuracy']:.2f}% (known identified {100 * o['known_identified']:.2f}%, "
+                    f"unknown rejected {100 * o['unknown_rejected']:.2f}%)"
+                    if "threshold" in o
+                    else "no threshold (no validation split to measure one on)"
+                )
+                console.print_result(
+                    f"{split} open set ({o['score']}, identities held out of the gallery in turn): TAR@FAR 1% "
+                    f"{100 * o['tar@far=0.01']:.2f}%  TAR@FAR 0.1% {100 * o['tar@far=0.001']:.2f}%  {at}"
+                )
     return result
 
 

@@ -21,6 +21,7 @@ from facecls.data.pipeline import loader_kwargs
 from facecls.data.scan import escape_name, list_flat_images
 from facecls.runtime.distributed import DistEnv, broadcast_object, gather_objects
 from facecls.runtime.speed import CompiledInference, Runtime, fold_batchnorm, use_compiled_inference
+from facecls.unknown import UNKNOWN_LABEL, best_scores, class_scores
 
 
 @dataclass
@@ -106,12 +107,26 @@ def predict_loader(
 
 
 @torch.inference_mode()
-def predict_batches(model: torch.nn.Module, loader: DataLoader, normalize: torch.nn.Module, runtime: Runtime):
-    """Yield ``(predicted class indices, dataset indices, statuses)`` per batch (model in eval mode)."""
+def predict_batches(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    normalize: torch.nn.Module,
+    runtime: Runtime,
+    unknown: float | None = None,
+):
+    """Yield ``(predicted class indices, dataset indices, statuses)`` per batch (model in eval mode).
+    With an ``unknown`` threshold, an image whose score (see facecls.unknown.class_scores) is below it
+    gets class -1."""
     for images_u8, idx, status in loader:
         x = normalize(images_u8)
-        with runtime.autocast():
-            pred = model(x).argmax(1).cpu().tolist()
+        if unknown is None:
+            with runtime.autocast():
+                pred = model(x).argmax(1).cpu().tolist()
+        else:
+            with runtime.autocast():
+                logits, scores = class_scores(model, x)
+            best, top = best_scores(model, logits, scores)
+            pred = torch.where(best.double() >= unknown, top, -1).cpu().tolist()
         yield pred, idx.tolist(), status
 
 
@@ -127,18 +142,47 @@ def predict_folder(
     margin: float = 0.0,
     batch_size: int = 128,
     compile_inference: bool | None = None,
+    onnx_model: Path | None = None,
     progress: bool = True,
+    tta: bool | None = None,
+    unknown: str | None = None,
+    far: float = 0.01,
     env: DistEnv | None = None,
 ) -> PredictSummary:
     """One row per image (``image_name,label``), sorted by name. Rows stream to the file, so memory
     does not grow with the folder. Unreadable images fail the run up front unless skipped.
+    With ``unknown`` ("auto" or a threshold), faces scoring below the threshold are labelled ``unknown``
+    (see facecls.unknown; "auto" measures the threshold for the false-accept rate ``far``).
+    Two backends: PyTorch on a run folder's checkpoint, or onnxruntime on an exported model, when ``run``
+    is a ``.onnx`` file or ``onnx_model`` is given (then checked against the run folder ``run``).
     ``env``: the process group the caller joined (default: this process alone)."""
     out = Path(out)
     if out.is_dir():
         raise FaceclsError(f"--out {out} is a folder; name the CSV file to write, e.g. {out / 'submission.csv'}")
     env = env or DistEnv()
     console = Console(enabled=env.is_main, progress=progress)
-    loaded = load_run(run, checkpoint, local_rank=env.local_rank)
+    if onnx_model is None and Path(run).suffix.lower() == ".onnx":
+        onnx_model, run = Path(run), None
+    if onnx_model is not None:
+        if compile_inference:
+            raise FaceclsError("--compile applies to the PyTorch backend; an ONNX model runs through onnxruntime")
+        if checkpoint != "best":
+            raise FaceclsError("--checkpoint picks a run's checkpoint; an ONNX model is one (see export --checkpoint)")
+        if unknown is not None:
+            raise FaceclsError("--unknown needs the run folder's embeddings; predict with the run, not an ONNX model")
+        from facecls.onnx_model import load_onnx_predictor
+
+        loaded = load_onnx_predictor(onnx_model, run)
+    else:
+        loaded = load_run(run, checkpoint, local_rank=env.local_rank, tta=tta)
+    open_set = None
+    if unknown is not None:
+        from facecls.unknown import resolve_threshold
+
+        if UNKNOWN_LABEL in loaded.class_names:
+            raise FaceclsError(f"run {run} has a class named '{UNKNOWN_LABEL}'; --unknown cannot label faces with it")
+        threshold = resolve_threshold(loaded, unknown, far, console=console) if env.is_main else None
+        open_set = broadcast_object(env, threshold)
     paths, _ = list_flat_images(images)
     bad = broadcast_object(env, quick_check(paths) if env.is_main else None)  # every process stops, or none
     if bad and not skip_unreadable:
@@ -153,7 +197,10 @@ def predict_folder(
     if compile_inference is not None:
         runtime = dataclasses.replace(runtime, compile_inference=compile_inference)
     loader = predict_loader(dataset, batch_size, runtime, indices)
-    model = inference_model(loaded.model, runtime, loaded.preprocess.input_size, len(paths), batch_size, console)
+    if onnx_model is not None:
+        model = loaded.model
+    else:
+        model = inference_model(loaded.model, runtime, loaded.preprocess.input_size, len(paths), batch_size, console)
     out.parent.mkdir(parents=True, exist_ok=True)
     skipped, no_face, written = [], [], 0
     bar = console.progress("predict", len(indices))
@@ -163,7 +210,7 @@ def predict_folder(
         if env.is_main and not env.enabled:  # rows stream straight into the (temporary) output file
             writer = csv.writer(stack.enter_context(atomic_write(out, "w", newline="")))
             writer.writerow(["image_name", "label"])
-        for pred, idx, status in predict_batches(model, loader, loaded.normalize, runtime):
+        for pred, idx, status in predict_batches(model, loader, loaded.normalize, runtime, open_set):
             for i, p, s in zip(idx, pred, status, strict=True):
                 name = paths[i].name
                 if s == "unreadable":
@@ -171,11 +218,12 @@ def predict_folder(
                     continue
                 if s == "no-face":
                     no_face.append(name)
+                label = loaded.class_names[p] if p >= 0 else UNKNOWN_LABEL
                 if writer:
-                    writer.writerow([escape_name(name), escape_name(loaded.class_names[p])])
+                    writer.writerow([escape_name(name), escape_name(label)])
                     written += 1
                 else:
-                    local_rows.append((i, loaded.class_names[p]))
+                    local_rows.append((i, label))
             bar.advance(len(pred))
         bar.close()
         if env.enabled:

@@ -14,12 +14,13 @@ import numpy as np
 import torch
 
 from facecls.core import runs
+from facecls.core.checkpoint import load_checkpoint
 from facecls.core.console import Console
 from facecls.core.errors import FaceclsError
 from facecls.core.run_folder import RunFolder
 from facecls.data.scan import find_labelled_images
 from facecls.engine.builder import TrainingSetup, build_data, build_training, micro_batch_size
-from facecls.engine.loop import Loop, recipe_phases, run_callbacks
+from facecls.engine.loop import Loop, recipe_phases, run_callbacks, schedule_over
 from facecls.runtime.distributed import DistEnv, barrier, init_distributed
 from facecls.runtime.speed import resolve_runtime, use_cpu_threads
 
@@ -77,7 +78,9 @@ def final_evaluation(folder: RunFolder, setup: TrainingSetup, console: Console) 
     if setup.env.is_main:
         folder.mark_completed()
         text = ", ".join(f"{k} top-1 {100 * v['top1']:.2f}%" for k, v in results.items())
-        console.log(f"done: best checkpoint {folder.checkpoint('best')}; {text}")
+        best = load_checkpoint(folder.checkpoint("best")) if folder.checkpoint("best").is_file() else {}
+        where = f" (epoch {best['epoch']}, {best.get('phase') or 'training'} phase)" if best else ""
+        console.log(f"done: best checkpoint {folder.checkpoint('best')}{where}; {text}")
         console.log(
             f"errors, confusions and curves on one page: `facecls report {folder}` "
             f"(writes {folder.path / 'report.html'})"
@@ -111,7 +114,8 @@ def train(
             if resume:
                 resumed = folder.resume(env.is_main)
                 recipe, data_dir, manifest = resumed.recipe, resumed.data_dir, resumed.manifest
-                console.log(resumed.describe(folder.path))
+                trained = resumed.checkpoint is not None and schedule_over(recipe.train, resumed.checkpoint)
+                console.log(resumed.describe(folder.path, trained))
             elif env.is_main:
                 folder.create()
             return _train_in(folder, recipe, Path(data_dir), env, console, resumed, manifest, offline, device)
@@ -157,7 +161,7 @@ def _train_in(folder, recipe, data_dir, env, console, resumed, manifest, offline
         folder.write_setup(run_info(setup, len(skipped)), setup.class_names, recipe)
     state = loop.fit()
     final = final_evaluation(folder, setup, console)
-    return TrainResult(folder.path, recipe.train.epochs, state.best_val_acc, final)
+    return TrainResult(folder.path, state.epoch, state.best_val_acc, final)
 
 
 @contextlib.contextmanager

@@ -144,6 +144,9 @@ def _intact_sibling_hint(path: Path) -> str:
 def load_model_state(model: torch.nn.Module, weights: dict, source: Path | str) -> None:
     """Load a checkpoint's model weights; a checkpoint of another model or head is one clear error."""
     weights = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in weights.items()}
+    for name, module in model.named_modules():  # e.g. a kNN head's gallery, sized by what was trained
+        if hasattr(module, "resize_buffers"):
+            module.resize_buffers(weights, f"{name}." if name else "")
     own = model.state_dict()
     missing = [k for k in own if k not in weights]
     unexpected = [k for k in weights if k not in own]

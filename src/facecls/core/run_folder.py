@@ -53,10 +53,11 @@ class Resume:
         if list(self.checkpoint["class_names"]) != class_names:
             raise FaceclsError("the checkpoint's class list differs from the run's split; cannot resume")
 
-    def describe(self, run: Path) -> str:
+    def describe(self, run: Path, trained: bool) -> str:
+        """The log line on the resume (``trained``: the checkpoint is of a run that trained every epoch)."""
         if self.checkpoint is None:
             return f"no checkpoint in {run} yet: starting it again from the beginning (same recipe and split)"
-        if self.epochs_done >= self.recipe.train.epochs:
+        if trained:
             return f"{run} finished training before its final evaluation; evaluating now"
         return f"resuming {run} at epoch {self.epochs_done + 1}, step {self.checkpoint['step_in_epoch']}"
 
@@ -155,7 +156,7 @@ class RunFolder:
             info = self.read_info()
             if info.get("completed"):
                 raise FaceclsError(
-                    f"run {self.path} already finished its {recipe.train.epochs} epochs; nothing to resume "
+                    f"run {self.path} already finished training; nothing to resume "
                     f"(evaluate it with `facecls evaluate {self.path}`, or train a new run with another --out)"
                 )
             resume = Resume(recipe, Path(info["data_dir"]), self.split, state)

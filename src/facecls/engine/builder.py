@@ -21,7 +21,7 @@ from facecls.data.pipeline import build_datasets, eval_loader, make_manifest, tr
 from facecls.data.scan import SkippedFile
 from facecls.data.split import ManifestRow, class_names_from, manifest_sha256
 from facecls.data.transforms import Normalize
-from facecls.models.registry import FaceClassifier, create_model, get_entry, get_weight_spec
+from facecls.models.registry import FaceClassifier, create_model, default_flip_tta, get_entry, get_weight_spec
 from facecls.models.weights import load_backbone_weights, read_state_dict, resolve_weights_file
 from facecls.runtime.distributed import DistEnv, convert_sync_batchnorm
 from facecls.runtime.speed import Runtime, prepare_training_model
@@ -59,6 +59,34 @@ def load_pretrained(model: FaceClassifier, recipe: Recipe, offline: bool, consol
     return {"name": recipe.model.weights, **report.as_dict()}
 
 
+def unaligned_warning(recipe: Recipe, data_dir: Path, paths: list[Path], sample: int = 50) -> str | None:
+    """A warning when the recipe's weights expect aligned face crops and the training images do not look
+    like them: no ``facecls prepare`` report beside them, and sampled images not of the aligned size."""
+    from PIL import Image
+
+    size = get_entry(recipe.model.name).aligned_size
+    if size is None or recipe.model.weights == "none":
+        return None
+    if any((folder / "prepare_report.csv").is_file() for folder in (data_dir, data_dir / "train")):
+        return None
+    step = max(1, len(paths) // sample)
+    picked = paths[::step][:sample]
+    other = 0
+    for path in picked:
+        try:
+            with Image.open(path) as image:
+                other += image.size != (size, size)
+        except OSError:
+            continue
+    if not other:
+        return None
+    return (
+        f"{other} of {len(picked)} sampled training images are not {size}x{size} and {data_dir} has no "
+        f"prepare report: {recipe.model.name} expects faces aligned to its template; run "
+        f"`facecls prepare RAW_DIR ALIGNED_DIR --size {size}` first"
+    )
+
+
 def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
     """The backbone's top-level children that hold parameters, in forward order ("blocks")."""
     children = [c for c in backbone.children() if any(True for _ in c.parameters())]
@@ -84,6 +112,11 @@ def set_phase(model: FaceClassifier, frozen: bool, train: TrainConfig) -> None:
         for block in backbone_blocks(model.backbone)[-train.unfreeze_last_n :]:
             block.requires_grad_(True)
     model.head.requires_grad_(True)
+
+
+def uses_stored_features(train: TrainConfig) -> bool:
+    """The head trains on stored features whenever the backbone is frozen (see train.feature_views)."""
+    return train.feature_views > 0 and (train.frozen_epochs > 0 or train.unfreeze == "none")
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
@@ -247,7 +280,11 @@ def build_training(
             "see skipped_files.csv in the run folder"
         )
     train_set = data.datasets["train"]
+    warning = unaligned_warning(recipe, data_dir, train_set.paths)
+    if warning:
+        console.warn(warning)
     model = create_model(recipe.model.name, len(data.class_names), recipe.model.head)
+    model.flip_tta = default_flip_tta(recipe.model)  # validation as evaluate and predict will see it
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         if micro_batch < 2 or len(train_set) < 2 * env.world_size:
             raise FaceclsError(

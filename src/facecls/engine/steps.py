@@ -53,6 +53,8 @@ class StepContext:
     scaler: torch.amp.GradScaler
     grad_accum: int = 1
     max_steps: int | None = None
+    pass_labels: bool = False
+    """Call ``model(x, labels)``: a margin head (arcface, cosface) needs the labels in training."""
     after_step: Callable[[int, RunningStats], None] = field(default=lambda step, stats: None)
 
 
@@ -88,7 +90,7 @@ def train_one_epoch(
                 sync = model.no_sync()
             with sync:
                 with ctx.runtime.autocast():
-                    logits = model(x)
+                    logits = model(x, labels) if ctx.pass_labels else model(x)
                 loss = ctx.criterion(logits.float(), labels)
                 ctx.scaler.scale(loss * (len(labels) / total)).backward()
             with torch.no_grad():

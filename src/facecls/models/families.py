@@ -138,6 +138,8 @@ def _sface_weights():
     weights={"opencv-zoo-int8bq": _sface_weights()},
     default_input_size=112,
     description="OpenCV Zoo SFace (MobileNet-style); 128-d embedding; weights from ONNX",
+    flip_tta=True,
+    aligned_size=112,
 )
 def sface() -> tuple[nn.Module, int]:
     from facecls.models.sface import FEATURE_DIM, SFace

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from facecls.config import HeadConfig
+from facecls.config import HeadConfig, ModelConfig
 from facecls.core.errors import FaceclsError
+from facecls.models.heads import build_head
 from facecls.models.weights import WeightSpec
 
 
@@ -23,20 +24,32 @@ class ModelEntry:
     weights: dict[str, WeightSpec] = field(default_factory=dict)
     default_input_size: int = 224
     description: str = ""
+    flip_tta: bool = False
+    """Whether evaluation and prediction use flip test-time augmentation by default (model.flip_tta: null)."""
+    aligned_size: int | None = None
+    """The side of the aligned face crops (``facecls prepare``) the pretrained weights expect, if any."""
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
 def register_model(
-    name: str, *, weights: dict[str, WeightSpec] | None = None, default_input_size: int = 224, description: str = ""
+    name: str,
+    *,
+    weights: dict[str, WeightSpec] | None = None,
+    default_input_size: int = 224,
+    description: str = "",
+    flip_tta: bool = False,
+    aligned_size: int | None = None,
 ) -> Callable:
     """Decorator for a backbone builder ``() -> (module, feature_dim)``; duplicate names are refused."""
 
     def wrap(builder: Callable[[], tuple[nn.Module, int]]):
         if name in _REGISTRY:
             raise ValueError(f"model '{name}' is registered twice")
-        _REGISTRY[name] = ModelEntry(name, builder, dict(weights or {}), default_input_size, description)
+        _REGISTRY[name] = ModelEntry(
+            name, builder, dict(weights or {}), default_input_size, description, flip_tta, aligned_size
+        )
         return builder
 
     return wrap
@@ -70,23 +83,6 @@ def get_weight_spec(model: str, weights: str) -> WeightSpec | None:
     return entry.weights[weights]
 
 
-class ClassifierHead(nn.Sequential):
-    """Dropout -> Linear, or with ``hidden``: Linear -> BatchNorm1d -> ReLU -> Dropout -> Linear."""
-
-    def __init__(self, in_features: int, num_classes: int, config: HeadConfig):
-        if config.hidden:
-            layers = [
-                nn.Linear(in_features, config.hidden),
-                nn.BatchNorm1d(config.hidden),
-                nn.ReLU(inplace=True),
-                nn.Dropout(config.dropout),
-                nn.Linear(config.hidden, num_classes),
-            ]
-        else:
-            layers = [nn.Dropout(config.dropout), nn.Linear(in_features, num_classes)]
-        super().__init__(*layers)
-
-
 class FaceClassifier(nn.Module):
     """``backbone`` (images -> features) followed by ``head`` (features -> identity logits).
 
@@ -98,16 +94,33 @@ class FaceClassifier(nn.Module):
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, head: HeadConfig):
         super().__init__()
         self.backbone = backbone
-        self.head = ClassifierHead(feature_dim, num_classes, head)
+        self.head = build_head(feature_dim, num_classes, head)
         self.feature_dim = feature_dim
         self.backbone_frozen = False
+        self.flip_tta = False
 
-    def forward(self, x):
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's features; in eval mode with ``flip_tta``, the mean over the image and its mirror."""
+        if self.flip_tta and not self.training:
+            both = self.backbone(torch.cat([x, torch.flip(x, dims=[3])]))
+            return (both[: x.shape[0]] + both[x.shape[0] :]) / 2
+        return self.backbone(x)
+
+    def forward(self, x, labels=None):
+        """Identity logits; ``labels`` (training only) put a margin head's margin on the target class."""
         if self.backbone_frozen:
             with torch.no_grad():
-                features = self.backbone(x)
-            return self.head(features)
-        return self.head(self.backbone(x))
+                features = self.features(x)
+        else:
+            features = self.features(x)
+        if self.head.takes_labels:
+            return self.head(features, labels)
+        return self.head(features)
+
+
+def default_flip_tta(model: ModelConfig) -> bool:
+    """model.flip_tta, or when null the registered model's default."""
+    return model.flip_tta if model.flip_tta is not None else get_entry(model.name).flip_tta
 
 
 def create_model(name: str, num_classes: int, head: HeadConfig | None = None) -> FaceClassifier:

@@ -1,0 +1,187 @@
+"""Embeddings first: classifiers on frozen SFace embeddings against facecls's trained heads, on real faces.
+
+On one split of an aligned face set (celeb24 by default: 24 identities, 112 px aligned crops), each with
+and without flip test-time augmentation, top-1 accuracy on the validation and test images and the CPU
+seconds (this process and its children, user + system) each method took:
+
+  (a) scikit-learn LogisticRegression on the frozen, L2-normalised embeddings (the reference)
+  (b) facecls's cached-feature head (recipe sface, backbone frozen: head on stored features)
+  (c) nearest class mean (recipe sface_ncm)        (d) kNN (recipe sface_knn)
+  (e) head on stored features then a short fine-tune, with a linear and with an arcface head
+
+All facecls runs use the same split (the first run's split.csv) and a fresh feature cache, so (b) pays for
+computing the stored features and (c)/(d) reuse them (their seconds are the classifier's alone; the
+embedding seconds are printed on their own line). Needs scikit-learn: pip install "facecls[bench]".
+
+    python benchmarks/embeddings.py [--data ../shared/data/celeb24] [--finetune-epochs 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+class Timer:
+    def __enter__(self):
+        self.cpu, self.wall = cpu_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.cpu, self.wall = cpu_seconds() - self.cpu, time.perf_counter() - self.wall
+
+
+def cell(row: dict, key: str) -> str:
+    return f"{100 * row[key]:.2f}" if key in row else "-"
+
+
+def facecls_run(name: str, recipe: str, overrides: list[str], data: Path, out: Path, manifest: Path | None) -> dict:
+    from facecls.commands.evaluate import evaluate_run
+    from facecls.commands.train import train
+    from facecls.config import load_recipe
+
+    run = out / "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    with Timer() as timer:
+        train(load_recipe(recipe, overrides), data, run, manifest=manifest, progress=False)
+    result = {"method": name, "cpu_s": round(timer.cpu, 1), "wall_s": round(timer.wall, 1)}
+    for tta in (False, True):
+        for split in ("val", "test"):
+            result[f"{split}{'_tta' if tta else ''}"] = evaluate_run(run, split, quiet=True, tta=tta)["top1"]
+    return result
+
+
+def split_paths(run: Path, data: Path) -> dict[str, tuple[list[Path], list[str]]]:
+    with open(run / "split.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return {
+        split: (
+            [data / r["path"] for r in rows if r["split"] == split],
+            [r["identity"] for r in rows if r["split"] == split],
+        )
+        for split in ("train", "val", "test")
+    }
+
+
+def sklearn_reference(paths: dict) -> list[dict]:
+    """(a): LogisticRegression on unit embeddings (train: the image; TTA: image + mirror at test time)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from facecls.embeddings import compute_embeddings, load_embedder
+
+    results = []
+    embedder = load_embedder("sface", "opencv-zoo-int8bq", offline=True)
+    for tta in (False, True):
+        with Timer() as timer:
+            vectors = {s: compute_embeddings(embedder, p, flip=tta).numpy() for s, (p, _) in paths.items()}
+            classifier = LogisticRegression(max_iter=2000, C=10.0)
+            classifier.fit(vectors["train"], paths["train"][1])
+            scores = {
+                s: float(np.mean(classifier.predict(vectors[s]) == np.array(paths[s][1]))) for s in ("val", "test")
+            }
+        suffix = "_tta" if tta else ""
+        results.append(
+            {
+                "method": f"(a) sklearn LogisticRegression{' + flip TTA' if tta else ''}",
+                "cpu_s": round(timer.cpu, 1),
+                "wall_s": round(timer.wall, 1),
+                f"val{suffix}": scores["val"],
+                f"test{suffix}": scores["test"],
+            }
+        )
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path("../shared/data/celeb24"),
+        help="aligned faces as <identity>/<image> (default: ../shared/data/celeb24)",
+    )
+    parser.add_argument("--finetune-epochs", type=int, default=1, help="(e): fine-tuning epochs (0: skip (e))")
+    parser.add_argument("--out", type=Path, help="keep the run folders here (default: a temporary folder)")
+    args = parser.parse_args()
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        print('this benchmark needs scikit-learn: pip install "facecls[bench]"', file=sys.stderr)
+        return 2
+    if not args.data.is_dir():
+        print(f"no face folder at {args.data}: pass --data DIR (<identity>/<image>)", file=sys.stderr)
+        return 2
+    work = Path(args.out or tempfile.mkdtemp(prefix="facecls-embeddings-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ["FACECLS_CACHE"] = str(work / "cache")  # fresh: (b) pays for its stored features
+    data = work / "data"
+    if not data.exists():
+        data.mkdir()
+        (data / "train").symlink_to(args.data.resolve(), target_is_directory=True)
+    print(f"{args.data}: CPU {cpu_name()}, {os.cpu_count()} cores; work folder {work}", flush=True)
+
+    rows: list[dict] = []
+    head = ["train.unfreeze=none"]
+    rows.append(facecls_run("(b) facecls head on stored features", "sface", head, data, work, None))
+    print(rows[-1], flush=True)
+    first = work / "".join(c if c.isalnum() else "_" for c in rows[0]["method"]).strip("_")
+    manifest = first / "split.csv"
+    for name, recipe in (("(c) nearest mean", "sface_ncm"), ("(d) kNN k=10", "sface_knn")):
+        rows.append(facecls_run(name, recipe, [], data, work, manifest))
+        print(rows[-1], flush=True)
+    paths = split_paths(first, data)
+    for row in sklearn_reference(paths):
+        rows.append(row)
+        print(row, flush=True)
+    if args.finetune_epochs > 0:
+        total = f"train.epochs={1 + args.finetune_epochs}"
+        for name, extra in (
+            ("(e) probe + fine-tune, linear", []),
+            ("(e) probe + fine-tune, arcface", ["model.head.kind=arcface"]),
+        ):
+            over = [total, "train.frozen_epochs=1", "train.unfreeze=all", *extra]
+            rows.append(facecls_run(f"{name} ({args.finetune_epochs} epoch)", "sface", over, data, work, manifest))
+            print(rows[-1], flush=True)
+    (work / "results.json").write_text(json.dumps(rows, indent=1))
+    print(
+        "\n| method | val | test | val (flip TTA) | test (flip TTA) | CPU s | wall s |\n|---|---|---|---|---|---|---|"
+    )
+    for r in rows:
+        print(
+            f"| {r['method']} | {cell(r, 'val')} | {cell(r, 'test')} | {cell(r, 'val_tta')} | {cell(r, 'test_tta')} | "
+            f"{r['cpu_s']} | {r['wall_s']} |"
+        )
+    if args.out is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""onnxruntime against facecls's own predict path: images per second on the same images, and int8's accuracy.
+
+Takes a trained run (or trains a short SFace run on ../shared/data/celeb24 first), exports it with
+``facecls export`` as float32 and as int8 (static, calibrated on the run's validation images, and dynamic),
+then times ``facecls predict`` end to end (decode, resize, model, CSV) on the same flat folder of images:
+the run's validation and test images, whose identities are known, so each side's accuracy is printed too.
+Sides are interleaved round by round; the table gives each side's median. A second table times the model
+alone on one pre-decoded batch (no loader), which is where the backends differ.
+
+    python benchmarks/onnx_predict.py                       # trains a 2-epoch SFace run first (a few minutes)
+    python benchmarks/onnx_predict.py --run runs/sface --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CELEB24 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "celeb24"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def facecls(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "facecls", *map(str, args)], check=True)
+
+
+def train_run(data: Path, run: Path, max_steps: int) -> None:
+    facecls(
+        "train", "--recipe", "sface", "--data", data, "--out", run, "--offline", "--no-progress",
+        "--set", "train.epochs=2", "--set", "train.frozen_epochs=1", "--max-steps", max_steps,
+    )  # fmt: skip
+
+
+def image_folder(run: Path, out: Path, limit: int | None) -> dict[str, str]:
+    """The run's val and test images (the first ``limit``), copied flat into ``out``; {file name: identity}."""
+    info = json.loads((run / "run.json").read_text())
+    data = Path(info["data_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    truth = {}
+    with open(run / "split.csv", newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            if row["split"] in ("val", "test") and (limit is None or len(truth) < limit):
+                name = f"{len(truth):05d}{Path(row['path']).suffix}"
+                shutil.copy(data / row["path"], out / name)
+                truth[name] = row["identity"]
+    return truth
+
+
+def accuracy(submission: Path, truth: dict[str, str]) -> float:
+    with open(submission, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return sum(truth[r["image_name"]] == r["label"] for r in rows) / len(rows)
+
+
+def predict_seconds(model: Path, images: Path, out: Path, batch_size: int) -> float:
+    from facecls.commands.predict import predict_folder
+
+    start = time.perf_counter()
+    predict_folder(model, images, out, batch_size=batch_size, compile_inference=None, progress=False)
+    return time.perf_counter() - start
+
+
+def model_only(sides: dict[str, Path], run: Path, batch: int, repeats: int) -> dict[str, float]:
+    """Images per second of each model on one pre-decoded, normalised batch (median of ``repeats``)."""
+    import torch
+
+    from facecls.commands.evaluate import load_run
+    from facecls.commands.predict import inference_model
+    from facecls.onnx_model import OnnxModel
+
+    loaded = load_run(run)
+    size = loaded.preprocess.input_size
+    images = torch.randint(
+        0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    x = loaded.normalize(images)
+    model = inference_model(loaded.model, loaded.runtime, size)
+    result = {}
+
+    @torch.inference_mode()
+    def torch_side():
+        with loaded.runtime.autocast():
+            model(x)
+
+    callables = {"facecls (PyTorch)": torch_side}
+    for name, path in sides.items():
+        if path.suffix == ".onnx":
+            onnx_model = OnnxModel(path, loaded.runtime.threads)
+            plain = x.float().contiguous()
+            callables[name] = lambda m=onnx_model, p=plain: m(p)
+    for fn in callables.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in callables}
+    for _ in range(repeats):
+        for name, fn in callables.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    for name, values in times.items():
+        result[name] = batch / statistics.median(values)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, help="a trained run (default: train a short SFace run first)")
+    parser.add_argument("--data", type=Path, default=CELEB24, help="data to train on when --run is not given")
+    parser.add_argument("--max-steps", type=int, default=8, help="steps per epoch of that training run")
+    parser.add_argument("--workdir", type=Path, help="folder for the run, exports and images (default: temporary)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--limit", type=int, help="predict only the first N val/test images")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="facecls-onnx-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    run = args.run
+    if run is None:
+        run = workdir / "run"
+        if not (run / "best.ckpt").is_file():
+            data = args.data
+            if not (data / "train").is_dir():  # identity folders: give them the train/ layout
+                data = workdir / "data"
+                data.mkdir(exist_ok=True)
+                if not (data / "train").exists():
+                    (data / "train").symlink_to(args.data.resolve(), target_is_directory=True)
+            train_run(data, run, args.max_steps)
+    sides = {"facecls (PyTorch)": run}
+    for name, extra in (
+        ("fp32", []),
+        ("int8-static", ["--quantize", "static"]),
+        ("int8-dynamic", ["--quantize", "dynamic"]),
+    ):
+        out = workdir / f"model-{name}.onnx"
+        if not out.is_file():
+            facecls("export", run, "--out", out, "--no-progress", *extra)
+        sides[f"onnxruntime {name}"] = out
+    images = workdir / "images"
+    shutil.rmtree(images, ignore_errors=True)
+    truth = image_folder(run, images, args.limit)
+
+    seconds: dict[str, list[float]] = {name: [] for name in sides}
+    submissions = {name: workdir / f"submission-{i}.csv" for i, name in enumerate(sides)}
+    for name, model in sides.items():  # warm-up: page cache, onnxruntime session, decoded files
+        predict_seconds(model, images, submissions[name], args.batch_size)
+    for _ in range(args.rounds):
+        for name, model in sides.items():
+            seconds[name].append(predict_seconds(model, images, submissions[name], args.batch_size))
+    compute = model_only(sides, run, args.batch_size, max(5, args.rounds * 3))
+
+    logs = {name: json.loads(path.with_name(path.stem + ".export.json").read_text()) for name, path in sides.items()
+            if path.suffix == ".onnx"}  # fmt: skip
+    n = len(truth)
+    base = statistics.median(seconds["facecls (PyTorch)"])
+    info = json.loads((run / "run.json").read_text())
+    print(
+        f"\nCPU: {cpu_name()}; {n} images ({info['model']}); batch {args.batch_size}; {args.rounds} rounds, "
+        f"median; PyTorch side in the run's precision ({info['speed']['precision']})"
+    )
+    print("\n| side | predict img/s (end to end) | vs facecls | model only img/s | accuracy on these images |")
+    print("|---|---|---|---|---|")
+    for name in sides:
+        median = statistics.median(seconds[name])
+        print(
+            f"| {name} | {n / median:.1f} | {base / median:.2f}x | {compute[name]:.1f} | "
+            f"{100 * accuracy(submissions[name], truth):.2f}% |"
+        )
+    print("\n| export | val top-1 PyTorch fp32 | ONNX fp32 | ONNX int8 | max abs logit diff (fp32) | file MB |")
+    print("|---|---|---|---|---|---|")
+    for name, log in logs.items():
+        int8 = "" if log["top1_onnx_int8"] is None else f"{100 * log['top1_onnx_int8']:.2f}%"
+        print(
+            f"| {name} | {100 * log['top1_pytorch']:.2f}% | {100 * log['top1_onnx_fp32']:.2f}% | {int8} | "
+            f"{log['max_abs_diff']:.1e} | {sides[name].stat().st_size / 1e6:.1f} |"
+        )
+    print(f"\nworkdir: {workdir}")
+
+
+if __name__ == "__main__":
+    main()
