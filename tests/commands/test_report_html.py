@@ -228,7 +228,9 @@ def test_report_command_compares_runs_and_evaluates_only_when_predictions_are_mi
 
 def test_report_of_a_folder_that_is_no_run_is_one_line_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.strip() == f"facecls: error: {tmp_path} is not a facecls run folder (no run.json)"
+    err = capsys.readouterr().err.strip()
+    expected = f"{tmp_path} is not a facecls run folder (no run.json); train one with `facecls train`"
+    assert err == f"facecls: error: {expected}"
 
 
 def test_calibration_error_of_known_bins():

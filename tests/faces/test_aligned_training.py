@@ -50,6 +50,14 @@ def _train(data, run):
         "train.batch_size=32",
         "--set",
         "data.split=[0.6,0.2,0.2]",
+        # Three head epochs on augmented images (from 120 px), no flip TTA: with the default converged
+        # head on stored features (and TTA) the raw frames of these 15 people also reach 100%.
+        "--set",
+        "train.feature_views=0",
+        "--set",
+        "data.resize=120",
+        "--set",
+        "model.flip_tta=false",
     ]
     assert main(args) == 0
     return json.loads((run / "eval_test.json").read_text())["top1"]
