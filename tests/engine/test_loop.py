@@ -26,6 +26,7 @@ TINY = [
     "data.resize=18",
     "train.epochs=2",
     "train.frozen_epochs=1",
+    "train.feature_views=0",
     "train.batch_size=4",
     "speed.precision=fp32",
     "speed.workers=0",
@@ -51,8 +52,12 @@ def data(faces_data, tmp_path, monkeypatch) -> Path:
     torch.set_num_threads(threads)
 
 
-def _setup(data: Path) -> TrainingSetup:
-    recipe = load_recipe("mobilenet_v2", TINY)
+# The head on stored features (two views) for at most 2 epochs, then one epoch of fine-tuning.
+STORED = ["train.feature_views=2", "train.head_max_epochs=2"]
+
+
+def _setup(data: Path, extra: tuple[str, ...] = ()) -> TrainingSetup:
+    recipe = load_recipe("mobilenet_v2", [*TINY, *extra])
     runtime = resolve_runtime(recipe.speed, "cpu")
     torch.set_num_threads(runtime.threads)
     seed_everything(recipe.train.seed)
@@ -76,19 +81,23 @@ def test_builder_returns_the_whole_run_and_writes_nothing(data):
     assert not os.path.exists(Path.cwd() / "runs" / "mobilenet_v2")
 
 
-def test_loop_trains_what_the_train_command_trains(data, tmp_path):
+@pytest.mark.parametrize(
+    "extra, phases", [((), ["frozen", "finetune"]), (tuple(STORED), ["features", "features", "finetune"])]
+)
+def test_loop_trains_what_the_train_command_trains(data, tmp_path, extra, phases):
     """Same data, recipe and seed: the loop driven here and ``facecls train`` write the same metrics."""
     command_run = tmp_path / "command"
     args = ["train", "--recipe", "mobilenet_v2", "--data", str(data), "--out", str(command_run), "--no-progress"]
-    assert main([*args, *(a for item in TINY for a in ("--set", item))]) == 0
+    assert main([*args, *(a for item in [*TINY, *extra] for a in ("--set", item))]) == 0
 
-    setup = _setup(data)
+    setup = _setup(data, extra)
     folder = RunFolder(tmp_path / "loop")
     folder.create()
     Loop(setup, recipe_phases(setup), run_callbacks(folder, setup)).fit()
+    folder.release()
     # One process, the same operations in the same order: equal to the digits metrics.csv prints.
     assert _metrics(folder.metrics) == _metrics(command_run / "metrics.csv")
-    assert [r["phase"] for r in _metrics(folder.metrics)] == ["frozen", "finetune"]
+    assert [r["phase"] for r in _metrics(folder.metrics)] == phases
     assert folder.checkpoint("last").is_file() and folder.checkpoint("best").is_file()
 
 
