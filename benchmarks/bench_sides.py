@@ -1,7 +1,7 @@
 """The benchmark's sides as long-lived processes, each in the process environment its user would have.
 
 The naive loop runs as a plain PyTorch user runs it: the system allocator and OpenMP defaults. facecls
-runs as the ``facecls`` command runs: its allocator settings (facecls.allocator) and sleeping OpenMP
+runs as the ``facecls`` command runs: its allocator settings (facecls.runtime.allocator) and sleeping OpenMP
 threads. The naive loop under facecls's allocator is a third side, so the table can say how much of the
 gain is the allocator alone. An allocator must be chosen at process start, so each side is a process;
 the parent sends one command per block ("train", "predict", "data") and reads one JSON line back, and

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from facecls.config import load_recipe
-from facecls.errors import FaceclsError
+from facecls.core.errors import FaceclsError
 
 CELEB24 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "celeb24"
 

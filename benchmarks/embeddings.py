@@ -64,9 +64,9 @@ def cell(row: dict, key: str) -> str:
 
 
 def facecls_run(name: str, recipe: str, overrides: list[str], data: Path, out: Path, manifest: Path | None) -> dict:
+    from facecls.commands.evaluate import evaluate_run
+    from facecls.commands.train import train
     from facecls.config import load_recipe
-    from facecls.evaluation import evaluate_run
-    from facecls.training import train
 
     run = out / "".join(c if c.isalnum() else "_" for c in name).strip("_")
     with Timer() as timer:

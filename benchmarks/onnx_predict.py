@@ -72,7 +72,7 @@ def accuracy(submission: Path, truth: dict[str, str]) -> float:
 
 
 def predict_seconds(model: Path, images: Path, out: Path, batch_size: int) -> float:
-    from facecls.predict import predict_folder
+    from facecls.commands.predict import predict_folder
 
     start = time.perf_counter()
     predict_folder(model, images, out, batch_size=batch_size, compile_inference=None, progress=False)
@@ -83,9 +83,9 @@ def model_only(sides: dict[str, Path], run: Path, batch: int, repeats: int) -> d
     """Images per second of each model on one pre-decoded, normalised batch (median of ``repeats``)."""
     import torch
 
-    from facecls.evaluation import load_run
+    from facecls.commands.evaluate import load_run
+    from facecls.commands.predict import inference_model
     from facecls.onnx_model import OnnxModel
-    from facecls.predict import inference_model
 
     loaded = load_run(run)
     size = loaded.preprocess.input_size

@@ -24,10 +24,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from facecls.commands.evaluate import PREDICTION_COLUMNS  # noqa: E402
 from facecls.commands.report import write_report  # noqa: E402
-from facecls.console import Console  # noqa: E402
-from facecls.evaluation import PREDICTION_COLUMNS  # noqa: E402
-from facecls.runs import write_json  # noqa: E402
+from facecls.core.console import Console  # noqa: E402
+from facecls.core.runs import write_json  # noqa: E402
 
 
 def _faces(folder: Path) -> list[Path]:

@@ -36,18 +36,15 @@ from torchvision import datasets as tv_datasets
 from torchvision import models as tvm
 from torchvision import transforms as T
 
-from facecls.allocator import reexec_with_jemalloc
+from facecls.commands.predict import inference_model, predict_batches, predict_loader
+from facecls.commands.train import seed_everything
 from facecls.config import load_recipe
 from facecls.data.datasets import ImageFiles
-from facecls.data.pipeline import build_datasets, make_manifest, train_loader
 from facecls.data.scan import list_flat_images
-from facecls.data.transforms import Normalize
-from facecls.distributed import DistEnv
-from facecls.engine import RunningStats, StepContext, train_one_epoch
-from facecls.models.registry import create_model
-from facecls.predict import inference_model, predict_batches, predict_loader
-from facecls.speed import CompiledInference, prepare_training_model, resolve_runtime
-from facecls.training import build_optimizer, resolve_preprocess, set_phase
+from facecls.engine.builder import build_data, build_training, set_phase
+from facecls.engine.steps import RunningStats, StepContext, train_one_epoch
+from facecls.runtime.allocator import reexec_with_jemalloc
+from facecls.runtime.speed import CompiledInference, resolve_runtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sides import FACECLS, NAIVE, NAIVE_ALLOC, SideProcess, interleaved, serve, side_environment  # noqa: E402
@@ -260,37 +257,25 @@ class Facecls:
         )
         self.recipe = recipe
         self.runtime = resolve_runtime(recipe.speed, "cpu")
-        env = DistEnv()
-        rows, _ = make_manifest(data, recipe.data)
-        preprocess = resolve_preprocess(recipe)
         started = time.perf_counter()
-        split_data = build_datasets(
-            data,
-            rows,
-            preprocess,
-            recipe.data.augment,
-            use_cache=recipe.speed.decoded_cache,
-            cache_root=cache_root,
-            workers=max(1, self.runtime.threads),
-            env=env,
-            splits=("train",),
-        )
+        run_data = build_data(recipe, data, self.runtime, cache_root=cache_root, splits=("train",))
         self.cache_seconds = time.perf_counter() - started
-        self.dataset = split_data.datasets["train"]
-        self.loader = train_loader(self.dataset, batch_size, recipe.train.seed, env, self.runtime)
-        torch.manual_seed(recipe.train.seed)
-        model = create_model(name, len(split_data.class_names), recipe.model.head)
-        self.model = prepare_training_model(model, self.runtime)
+        seed_everything(recipe.train.seed)
+        # The same builder as `facecls train`: datasets, loader, model, optimizer, scaler, loss, normalisation.
+        self.setup = build_training(recipe, data, self.runtime, data=run_data)
+        self.dataset = self.setup.data.datasets["train"]
+        self.loader = self.setup.train_loader
+        self.model = self.setup.model
         self.inference: torch.nn.Module | None = None
         self.predict_first_pass_s: float | None = None
         set_phase(self.model, frozen=False, train=recipe.train)
-        self.normalize = Normalize(preprocess.mean, preprocess.std, self.runtime.channels_last)
-        self.optimizer = build_optimizer(self.model, recipe)
+        self.normalize = self.setup.normalize
+        self.optimizer = self.setup.optimizer
         self.step_model = torch.compile(self.model) if self.runtime.compile else self.model
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=recipe.train.label_smoothing)
+        self.criterion = self.setup.criterion
         self.epoch = 0
-        self.test_set = ImageFiles(predict_files(data, predict_images), preprocess.input_size)
-        self.input_size = preprocess.input_size
+        self.test_set = ImageFiles(predict_files(data, predict_images), self.setup.preprocess.input_size)
+        self.input_size = self.setup.preprocess.input_size
         self.data_images = data_images
 
     def _threads(self) -> None:
@@ -303,7 +288,7 @@ class Facecls:
             self.criterion,
             self.runtime,
             self.normalize,
-            self.runtime.grad_scaler(),
+            self.setup.scaler,
             max_steps=max_steps,
         )
         self.loader.sampler.set_epoch(self.epoch)

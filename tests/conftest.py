@@ -22,7 +22,7 @@ def faces_data() -> Path:
 def five_celebrity_aligned(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The five-celebrity photos detected and aligned to 112 x 112 by ``facecls prepare`` (YuNet), as
     ``<identity>/<image>``: real in-the-wild faces in the layout the face-pretrained recipes expect."""
-    from facecls.faces.prepare import prepare_folder
+    from facecls.commands.prepare import prepare_folder
 
     out = tmp_path_factory.mktemp("five_celebrity") / "aligned"
     prepare_folder(FACES_DATA / "five_celebrity", out, size=112, progress=False)

@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from facecls.allocator import JEMALLOC_PATHS, jemalloc_environment
+from facecls.runtime.allocator import JEMALLOC_PATHS, jemalloc_environment
 
 # Allocates a 64 MiB buffer, frees it, allocates and fills one of the same size again, and prints the
 # minor page faults of the second allocation (16,384 when the pages come fresh from the kernel).
 PROBE = """
 import json, resource, sys
-from facecls.allocator import keep_freed_memory_glibc
+from facecls.runtime.allocator import keep_freed_memory_glibc
 applied = keep_freed_memory_glibc() if sys.argv[1] == "mallopt" else None
 size = 64 << 20
 first = b"\\x01" * size

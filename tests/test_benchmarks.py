@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from facecls.allocator import JEMALLOC_PATHS
+from facecls.runtime.allocator import JEMALLOC_PATHS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,8 +5,8 @@ from torch import nn
 from torchvision.models import mobilenet_v2
 
 from facecls.config import SpeedConfig
-from facecls.cpu_kernels import DepthwiseConvFp32InputGrad, use_fp32_input_grad_for_strided_depthwise
-from facecls.speed import prepare_training_model, resolve_runtime
+from facecls.runtime.cpu_kernels import DepthwiseConvFp32InputGrad, use_fp32_input_grad_for_strided_depthwise
+from facecls.runtime.speed import prepare_training_model, resolve_runtime
 
 
 def _grads(conv: nn.Module, x: torch.Tensor, autocast: bool):

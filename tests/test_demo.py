@@ -2,8 +2,8 @@
 
 import csv
 
+from facecls.commands.demo import run_demo
 from facecls.data.synthetic import SyntheticSpec
-from facecls.demo import run_demo
 
 
 def test_demo_runs_end_to_end_offline(tmp_path, monkeypatch, capsys):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from facecls.download import (
+from facecls.core.download import (
     cache_dir,
     check_hash_prefix,
     download_file,
@@ -20,7 +20,7 @@ from facecls.download import (
     is_offline,
     sha256_file,
 )
-from facecls.errors import FaceclsError
+from facecls.core.errors import FaceclsError
 
 PAYLOAD = bytes(range(256)) * 400  # 100 KiB, not a multiple of the 1 MiB read size
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()

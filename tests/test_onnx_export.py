@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from facecls.cli import main
+from facecls.commands.evaluate import load_run
 from facecls.data.images import load_image
 from facecls.data.transforms import Normalize
-from facecls.evaluation import load_run
 from facecls.onnx_model import OnnxModel
 
 onnx = pytest.importorskip("onnx")

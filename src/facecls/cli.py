@@ -11,9 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from facecls.allocator import reexec_with_jemalloc
-from facecls.errors import FaceclsError, Stopped
-from facecls.machine import available_cpus
+from facecls.core.errors import FaceclsError, Stopped
+from facecls.runtime.allocator import reexec_with_jemalloc
+from facecls.runtime.machine import available_cpus
 
 
 def _add_train(sub) -> None:
@@ -257,7 +257,7 @@ def _cmd_train(args, argv: list[str]) -> int:
         if not args.resume:
             load_recipe(args.recipe, _train_overrides(args))  # a bad recipe fails here once, not in N processes
         return launch_torchrun(args.nproc, argv)
-    from facecls.training import train
+    from facecls.commands.train import train
 
     if args.resume:
         train(
@@ -302,9 +302,9 @@ def _start_on_run(run: Path, device: str | None = None):
     """Process-wide setup of a command that loads a trained run, done once at its start: join the torchrun
     process group when launched by torchrun, and set torch's CPU threads from the run's recipe. Returns
     the process group environment the command is then given."""
-    from facecls import runs
-    from facecls.distributed import init_distributed
-    from facecls.speed import resolve_runtime, use_cpu_threads
+    from facecls.core import runs
+    from facecls.runtime.distributed import init_distributed
+    from facecls.runtime.speed import resolve_runtime, use_cpu_threads
 
     env = init_distributed(device)
     if Path(run).is_dir():  # a missing run folder is reported by the command, as it was given
@@ -313,7 +313,7 @@ def _start_on_run(run: Path, device: str | None = None):
 
 
 def cmd_evaluate(args, argv: list[str]) -> int:
-    from facecls.evaluation import evaluate_run
+    from facecls.commands.evaluate import evaluate_run
 
     env = _start_on_run(args.run)
     tta = False if args.no_tta else None
@@ -322,7 +322,7 @@ def cmd_evaluate(args, argv: list[str]) -> int:
 
 
 def cmd_predict(args, argv: list[str]) -> int:
-    from facecls.predict import predict_folder
+    from facecls.commands.predict import predict_folder
 
     env = _start_on_run(args.run)
     predict_folder(
@@ -347,7 +347,7 @@ def cmd_predict(args, argv: list[str]) -> int:
 
 
 def cmd_score(args, argv: list[str]) -> int:
-    from facecls.score import record_score, score_submission
+    from facecls.commands.score import record_score, score_submission
 
     score = score_submission(args.submission, args.solution)
     print(f"accuracy {100 * score.accuracy:.2f}% ({score.correct}/{score.total})")
@@ -357,7 +357,7 @@ def cmd_score(args, argv: list[str]) -> int:
 
 
 def cmd_compare(args, argv: list[str]) -> int:
-    from facecls.compare import collect_rows, parse_kaggle, to_markdown, write_table
+    from facecls.commands.compare import collect_rows, parse_kaggle, to_markdown, write_table
 
     rows = collect_rows(args.runs, parse_kaggle(args.kaggle))
     print(to_markdown(rows), end="")
@@ -374,14 +374,14 @@ def cmd_report(args, argv: list[str]) -> int:
 
 
 def cmd_demo(args, argv: list[str]) -> int:
-    from facecls.demo import run_demo
+    from facecls.commands.demo import run_demo
 
     run_demo(args.out, recipes=args.recipes, progress=not args.no_progress)
     return 0
 
 
 def cmd_data(args, argv: list[str]) -> int:
-    from facecls.data.lfw import fetch_lfw
+    from facecls.commands.data import fetch_lfw
 
     summary = fetch_lfw(args.dir, args.min_images, variant=args.variant, offline=args.offline, archive=args.archive)
     print(f"LFW: {summary.identities} identities, {summary.images} images in {summary.train_dir}")
@@ -391,7 +391,7 @@ def cmd_data(args, argv: list[str]) -> int:
 
 
 def cmd_prepare(args, argv: list[str]) -> int:
-    from facecls.faces.prepare import prepare_folder
+    from facecls.commands.prepare import prepare_folder
 
     summary = prepare_folder(
         args.raw_dir,

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from facecls.errors import FaceclsError
+from facecls.core.errors import FaceclsError
 
 _PLAIN_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
@@ -295,6 +295,23 @@ class Recipe:
                     f"model.head.kind={self.model.head.kind} takes no gradient steps: it needs a frozen backbone "
                     "and stored features (train.unfreeze: none, train.feature_views >= 1)"
                 )
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images become model inputs; fixed per run so evaluate and predict match training."""
+
+    input_size: int
+    resize: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def as_dict(self) -> dict:
+        return {"input_size": self.input_size, "resize": self.resize, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        return cls(int(d["input_size"]), int(d["resize"]), tuple(d["mean"]), tuple(d["std"]))
 
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"

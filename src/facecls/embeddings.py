@@ -23,12 +23,11 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
-from facecls.config import SpeedConfig
-from facecls.console import Console
+from facecls.config import Preprocess, SpeedConfig
+from facecls.core.console import Console
+from facecls.core.errors import FaceclsError
 from facecls.data.transforms import Normalize
-from facecls.errors import FaceclsError
-from facecls.runs import Preprocess
-from facecls.speed import Runtime, resolve_runtime
+from facecls.runtime.speed import Runtime, resolve_runtime
 
 
 @dataclass
@@ -80,7 +79,7 @@ def load_embedder(
     """The backbone of registered model ``model_name`` with its named (or local) pretrained weights, and
     the preprocessing those weights expect (e.g. ``load_embedder("sface", "opencv-zoo-int8bq")``)."""
     from facecls.config import IMAGENET_MEAN, IMAGENET_STD
-    from facecls.download import sha256_file
+    from facecls.core.download import sha256_file
     from facecls.models.registry import get_entry, get_weight_spec
     from facecls.models.weights import load_backbone_weights, read_state_dict, resolve_weights_file
 
@@ -105,7 +104,7 @@ def load_embedder(
 
 def embedder_from_run(run: Path, checkpoint: str = "best", device: str | None = None) -> Embedder:
     """The trained backbone of a run folder (``best.ckpt`` by default) with the run's preprocessing."""
-    from facecls.evaluation import load_run
+    from facecls.commands.evaluate import load_run
 
     loaded = load_run(Path(run), checkpoint, device)
     return embedder_of(loaded.model, loaded.preprocess, loaded.runtime, loaded.recipe.model.name)
@@ -140,7 +139,7 @@ class _Images(Dataset):
 
 def image_loader(source: Sequence[str | Path] | Dataset, embedder: Embedder, batch_size: int):
     """In-order batches ``(uint8 images, indices, statuses)`` of ``source`` at the embedder's input size."""
-    from facecls.predict import predict_loader
+    from facecls.commands.predict import predict_loader
 
     return predict_loader(_Images(source, embedder.preprocess.input_size), batch_size, embedder.runtime)
 
@@ -180,7 +179,7 @@ def iter_embeddings(
     (`compute_embeddings` refuses them). The backbone runs in eval mode (its previous mode is restored),
     with BatchNorm folded and bf16/channels_last as the embedder's runtime says. ``l2_normalize=False``
     gives the backbone's raw features, what a model's head takes."""
-    from facecls.predict import inference_model
+    from facecls.commands.predict import inference_model
 
     backbone = embedder.backbone
     was_training = backbone.training

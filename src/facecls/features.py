@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as F
 
-from facecls.console import Console
+from facecls.core.console import Console
 from facecls.data.datasets import EpochSampler, FaceImages, sample_seed, shard
 from facecls.data.images import DecodedCache
 from facecls.embeddings import Embedder, compute_embeddings

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from facecls.errors import FaceclsError
+from facecls.core.errors import FaceclsError
 
 FORMAT = "facecls-onnx-1"
 """Value of the ``format`` metadata key; a file without it is not a facecls export."""
@@ -110,7 +110,7 @@ def open_session(path: Path, threads: int | None = None):
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    from facecls.speed import openmp_threads_sleep
+    from facecls.runtime.speed import openmp_threads_sleep
 
     if openmp_threads_sleep():  # the same policy as torch's OpenMP threads (speed.resolve_runtime): no spinning
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -172,10 +172,9 @@ class OnnxPredictor:
 def load_onnx_predictor(path: Path, run: Path | None = None) -> OnnxPredictor:
     """Open ``path`` for prediction; with ``run``, also refuse a model exported from another run's classes
     or preprocessing."""
-    from facecls.config import SpeedConfig
+    from facecls.config import Preprocess, SpeedConfig
     from facecls.data.transforms import Normalize
-    from facecls.runs import Preprocess
-    from facecls.speed import resolve_runtime
+    from facecls.runtime.speed import resolve_runtime
 
     # onnxruntime computes in float32 on the CPU; the loader settings come from the machine as for a run.
     runtime = resolve_runtime(SpeedConfig(precision="fp32", channels_last=False, compile_inference=False), "cpu")
@@ -195,11 +194,11 @@ def load_onnx_predictor(path: Path, run: Path | None = None) -> OnnxPredictor:
 
 def check_matches_run(meta: OnnxMetadata, path: Path, run: Path) -> None:
     """One line if the exported model does not predict ``run``'s classes from ``run``'s preprocessing."""
-    from facecls import runs
+    from facecls.core.run_folder import RunFolder
 
-    info = runs.read_run_info(run)
-    class_names = json.loads((Path(run) / "classes.json").read_text(encoding="utf-8"))["class_names"]
-    preprocess = runs.Preprocess.from_dict(info["preprocess"])
+    folder = RunFolder(run)
+    class_names = folder.read_class_names()
+    preprocess = folder.read_preprocess()
     if list(meta.class_names) != list(class_names):
         raise FaceclsError(
             f"{path} predicts another class list than run {run} ({len(meta.class_names)} vs {len(class_names)} "

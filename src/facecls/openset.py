@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from facecls.core.errors import FaceclsError
 from facecls.data.scan import IMAGE_EXTENSIONS
-from facecls.errors import FaceclsError
 
 
 def _as_scores(scores, name: str = "scores") -> np.ndarray:

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facecls import runs
-from facecls.console import Console
-from facecls.errors import FaceclsError
+from facecls.core import runs
+from facecls.core.console import Console
+from facecls.core.errors import FaceclsError
 from facecls.openset import HeldOutProbes, heldout_best, identity_groups, open_set_report, threshold_at_far
 
 OPENSET_FILE = "openset.json"
@@ -100,10 +100,10 @@ def heldout_probes(
     """The held-out protocol on ``split`` of a loaded run (see the module docstring). In each round a
     face's class is the best-scoring class left in the gallery (for kNN: its nearest gallery face's,
     which is the k-vote's class for all but borderline faces)."""
+    from facecls.core.download import cache_dir
     from facecls.data.pipeline import build_datasets, eval_loader
     from facecls.data.split import read_manifest
-    from facecls.distributed import DistEnv
-    from facecls.download import cache_dir
+    from facecls.runtime.distributed import DistEnv
 
     rows = read_manifest(Path(loaded.run) / "split.csv")
     if not any(r.split == split for r in rows):
@@ -128,7 +128,9 @@ def heldout_probes(
     dataset = data.datasets[split]
     class_group = identity_groups(dataset.labels, len(loaded.class_names))
     softmax = score_kind(loaded.model) == "probability"
-    loader = eval_loader(dataset, batch_size or 128, env, loaded.runtime)
+    loader = eval_loader(
+        dataset, batch_size or 128, env, workers=loaded.runtime.workers, pin_memory=loaded.runtime.pin_memory
+    )
     model = loaded.model.eval()
     bests, predicted, labels = [], [], []
     bar = (console or Console(progress=False)).progress(f"unknown faces ({split})", len(dataset))
@@ -148,7 +150,7 @@ def heldout_probes(
 
 def _checkpoint_id(loaded) -> str:
     """What the threshold was measured for: the checkpoint file's SHA-256 (an enrolled gallery differs)."""
-    from facecls.download import sha256_file
+    from facecls.core.download import sha256_file
 
     return sha256_file(Path(loaded.checkpoint_path))
 

@@ -22,8 +22,8 @@ import pytest
 from PIL import Image
 
 from facecls.cli import main
+from facecls.commands.compare import COLUMNS, collect_rows, row_cells
 from facecls.commands.report import WORST_ROWS, calibration, write_report
-from facecls.compare import COLUMNS, collect_rows, row_cells
 
 ROOT = Path(__file__).resolve().parents[2]
 IDENTITIES = 20

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from facecls.data import lfw
-from facecls.errors import FaceclsError
+from facecls.commands import data as lfw
+from facecls.core.errors import FaceclsError
 
 IDENTITIES = {"Ada_Lovelace": 3, "Alan_Turing": 2, "Grace_Hopper": 1}
 PAIRS = b"10\t300\nAda_Lovelace\t1\t2\n"

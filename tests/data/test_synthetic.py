@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from facecls.core.errors import FaceclsError
 from facecls.data import synthetic
 from facecls.data.synthetic import (
     Nuisance,
@@ -19,7 +20,6 @@ from facecls.data.synthetic import (
     render_face,
     sample_identity,
 )
-from facecls.errors import FaceclsError
 
 TINY = SyntheticSpec(identities=4, images_per_identity=3, test_per_identity=2, size=48, seed=0)
 

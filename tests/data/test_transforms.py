@@ -6,14 +6,13 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from facecls.config import AugmentConfig
+from facecls.config import AugmentConfig, Preprocess
 from facecls.data.datasets import FaceImages, ImageFiles, sample_seed
 from facecls.data.images import load_image
 from facecls.data.pipeline import build_datasets
 from facecls.data.split import ManifestRow
 from facecls.data.transforms import color_jitter_uint8, rotate_uint8, train_transform
-from facecls.distributed import DistEnv
-from facecls.runs import Preprocess
+from facecls.runtime.distributed import DistEnv
 
 
 def _data(tmp_path, n=4):

@@ -29,14 +29,14 @@ import torch
 from tolerances import dot_atol, sum_rtol
 from torch import nn
 
-from facecls.checkpoint import load_checkpoint, save_checkpoint
+from facecls.commands.evaluate import load_run
 from facecls.config import HeadConfig, SpeedConfig
+from facecls.core.checkpoint import load_checkpoint, save_checkpoint
 from facecls.data.datasets import EpochSampler
 from facecls.data.images import load_image
-from facecls.engine import RunningStats, StepContext, train_one_epoch
-from facecls.evaluation import load_run
+from facecls.engine.steps import RunningStats, StepContext, train_one_epoch
 from facecls.models.registry import create_model
-from facecls.speed import resolve_runtime
+from facecls.runtime.speed import resolve_runtime
 
 pytestmark = pytest.mark.slow
 
@@ -380,7 +380,7 @@ def _bn_model() -> nn.Module:
 def _sync_bn_worker(rank: int, store: str, images: torch.Tensor, expected: dict) -> None:
     import torch.distributed as dist
 
-    from facecls.distributed import DistEnv, broadcast_buffers, convert_sync_batchnorm
+    from facecls.runtime.distributed import DistEnv, broadcast_buffers, convert_sync_batchnorm
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)

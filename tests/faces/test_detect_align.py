@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from facecls.core.download import sha256_file
+from facecls.core.errors import FaceclsError
 from facecls.data.images import open_rgb
-from facecls.download import sha256_file
-from facecls.errors import FaceclsError
 from facecls.faces import detect
 from facecls.faces.align import (
     ARCFACE_112,

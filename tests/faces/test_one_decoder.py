@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from facecls.commands.predict import _DetectLoader
+from facecls.commands.prepare import _SAVE_OPTIONS, prepare_folder
 from facecls.data.datasets import FaceImages
-from facecls.faces.prepare import _SAVE_OPTIONS, prepare_folder
-from facecls.predict import _DetectLoader
 
 # Training decodes straight at the input size; a JPEG whose half size is under it is decoded whole (no
 # libjpeg DCT scaling), so a JPEG variant and its PNG reference must agree to the last bit.

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facecls.errors import FaceclsError
-from facecls.faces.prepare import CONFIG_NAME, REPORT_COLUMNS, REPORT_NAME, list_inputs, prepare_folder
+from facecls.commands.prepare import CONFIG_NAME, REPORT_COLUMNS, REPORT_NAME, list_inputs, prepare_folder
+from facecls.core.errors import FaceclsError
 
 
 def _report(out_dir: Path) -> dict[str, dict[str, str]]:

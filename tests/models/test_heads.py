@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from facecls.config import HeadConfig, recipe_from_dict
-from facecls.errors import FaceclsError
+from facecls.core.errors import FaceclsError
 from facecls.models.heads import ClassifierHead, MarginHead, build_head, margin_logits
 from facecls.models.registry import create_model
 

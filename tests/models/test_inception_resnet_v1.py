@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from facecls.errors import FaceclsError
+from facecls.core.errors import FaceclsError
 from facecls.models.inception_resnet_v1 import FEATURE_DIM, MIN_INPUT_SIZE, InceptionResnetV1
 
 FACENET_REQUIREMENT = "facenet-pytorch==2.6.0"

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from facecls.config import HeadConfig, TrainConfig
-from facecls.errors import FaceclsError
+from facecls.core.errors import FaceclsError
+from facecls.engine.builder import backbone_blocks, set_phase
 from facecls.models.registry import create_model, list_models
-from facecls.training import backbone_blocks, set_phase
 
 # Backbone parameter counts (no head): torchvision's and facenet's published sizes.
 BACKBONE_PARAMS = {

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from facecls.errors import FaceclsError
+from facecls.core.errors import FaceclsError
 from facecls.models.sface import FEATURE_DIM, SFace, find_sface_onnx, load_sface_onnx
 
 SFACE_PARAMETERS = 9_642_880

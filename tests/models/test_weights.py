@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from facecls.cli import main
-from facecls.errors import FaceclsError
+from facecls.core.errors import FaceclsError
 from facecls.models.inception_resnet_v1 import InceptionResnetV1
 from facecls.models.registry import create_model, get_weight_spec
 from facecls.models.weights import load_backbone_weights, read_state_dict, resolve_weights_file

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from facecls.commands.evaluate import load_run
+from facecls.core.download import cache_dir
 from facecls.data.images import UnreadableImage, load_image, open_rgb
 from facecls.data.pipeline import build_datasets
 from facecls.data.scan import unescape_name
 from facecls.data.split import read_manifest
-from facecls.distributed import DistEnv
-from facecls.download import cache_dir
-from facecls.evaluation import load_run
+from facecls.runtime.distributed import DistEnv
 
 from .conftest import assert_one_line_error, write_awkward_images, write_bad_files, write_exif_rotated
 

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from facecls.checkpoint import load_checkpoint, save_checkpoint
+from facecls.core.checkpoint import load_checkpoint, save_checkpoint
 
 from .conftest import assert_one_line_error, cli_subprocess, copy_run, tiny_args
 

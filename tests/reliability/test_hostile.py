@@ -21,15 +21,15 @@ import pytest
 import torch
 from PIL import Image
 
-from facecls import atomic, runs
-from facecls import checkpoint as checkpoint_module
-from facecls.checkpoint import load_checkpoint, save_checkpoint
+from facecls.commands.prepare import list_inputs
+from facecls.commands.score import score_submission
+from facecls.core import atomic, runs
+from facecls.core import checkpoint as checkpoint_module
+from facecls.core.checkpoint import load_checkpoint, save_checkpoint
+from facecls.core.errors import FaceclsError
 from facecls.data import images as images_module
 from facecls.data.images import DecodedCache, UnreadableImage, decode_bytes, load_image, remove_dead_builders
 from facecls.data.scan import escape_name, list_flat_images, scan_identity_folders, unescape_name
-from facecls.errors import FaceclsError
-from facecls.faces.prepare import list_inputs
-from facecls.score import score_submission
 
 from .conftest import assert_one_line_error, copy_identities, copy_run, pin_to_one_core, tiny_args
 
@@ -50,7 +50,7 @@ def test_second_writer_gets_one_line_naming_the_holder(run_cli, faces_data, tmp_
 
 def test_lock_of_a_killed_process_is_released_by_the_kernel(tmp_path):
     code = (
-        "import sys, time; from facecls.runs import RunLock; lock = RunLock(sys.argv[1]); "
+        "import sys, time; from facecls.core.runs import RunLock; lock = RunLock(sys.argv[1]); "
         "print('held', flush=True); time.sleep(60)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
@@ -134,8 +134,8 @@ def test_stop_signal_to_the_whole_group_saves_and_says_how_to_resume(faces_data,
 _SIGTERM_OUTSIDE_LOOP = """
 import os, signal, sys, time
 from pathlib import Path
-from facecls.distributed import DistEnv
-from facecls.training import _sigterm_exits_at_once
+from facecls.runtime.distributed import DistEnv
+from facecls.commands.train import _sigterm_exits_at_once
 run = Path(sys.argv[1])
 with _sigterm_exits_at_once(run, DistEnv()):
     os.kill(os.getpid(), signal.SIGTERM)  # as during the data scan, the decoding or the final evaluation
@@ -560,7 +560,7 @@ def test_failed_atomic_write_leaves_no_temp_file(tmp_path):
 
 
 def test_prepare_never_opens_a_fifo(tmp_path):
-    from facecls.faces.prepare import prepare_folder
+    from facecls.commands.prepare import prepare_folder
 
     (tmp_path / "raw" / "alice").mkdir(parents=True)
     os.mkfifo(tmp_path / "raw" / "alice" / "f.jpg")

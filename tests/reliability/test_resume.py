@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from facecls import checkpoint as checkpoint_module
-from facecls import runs
-from facecls.checkpoint import load_checkpoint, save_checkpoint
-from facecls.errors import FaceclsError
+from facecls.core import checkpoint as checkpoint_module
+from facecls.core import runs
+from facecls.core.checkpoint import load_checkpoint, save_checkpoint
+from facecls.core.errors import FaceclsError
 
 from .conftest import assert_one_line_error, copy_identities, pin_to_one_core, tiny_args
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from facecls.errors import FaceclsError
+from facecls.core.errors import FaceclsError
 from facecls.models.weights import read_state_dict
 
 from .conftest import assert_one_line_error, copy_identities, copy_run, tiny_args

@@ -1,0 +1,1 @@
+"""The command-level functions, one module per facecls command (cli.py only parses arguments)."""

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from facecls.console import Console
+from facecls.core.console import Console
+from facecls.core.errors import FaceclsError
 from facecls.data.scan import is_hidden, is_image_name
 from facecls.embeddings import Embedder, embedder_from_run, iter_embeddings, load_embedder
-from facecls.errors import FaceclsError
 
 
 def list_for_error(names: list[str], limit: int = 10) -> str:
@@ -107,8 +107,8 @@ def stream_embeddings(
         ):
             yield indices, vectors.numpy(), statuses
         return
+    from facecls.commands.predict import _DetectLoader
     from facecls.data.datasets import ImageFiles
-    from facecls.predict import _DetectLoader
 
     bad = unreadable_up_front(paths)
     dataset = ImageFiles(paths, embedder.preprocess.input_size, _DetectLoader(detector, margin))

@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facecls import runs
-from facecls.checkpoint import save_checkpoint
 from facecls.commands.embed import list_for_error, stream_embeddings
-from facecls.console import Console
+from facecls.core import runs
+from facecls.core.checkpoint import save_checkpoint
+from facecls.core.console import Console
+from facecls.core.errors import FaceclsError
 from facecls.data.scan import scan_identity_folders
 from facecls.embeddings import embedder_of
-from facecls.errors import FaceclsError
 
 # Files that describe the source model's own evaluations or checkpoints: not carried over.
 _NOT_COPIED = ("best.ckpt", "last.ckpt", "openset.json", "kaggle.json", "classes.json")
@@ -119,7 +119,7 @@ def enrol_run(
 ) -> EnrolSummary:
     """Write NEW_RUN = ``run`` + the identities of ``data/<identity>/*`` (see the module docstring).
     ``flip`` embeds each image with its mirror; None: as the run predicts (its flip test-time augmentation)."""
-    from facecls.evaluation import load_run
+    from facecls.commands.evaluate import load_run
 
     started = time.perf_counter()
     console = Console(progress=progress)

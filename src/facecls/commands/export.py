@@ -34,12 +34,12 @@ import torch
 from torch import nn
 
 from facecls import __version__
-from facecls.console import Console
-from facecls.errors import FaceclsError
-from facecls.evaluation import LoadedRun, load_run
+from facecls.commands.evaluate import LoadedRun, load_run
+from facecls.core.console import Console
+from facecls.core.errors import FaceclsError
+from facecls.core.runs import write_json
 from facecls.onnx_model import OnnxMetadata, OnnxModel, write_metadata
-from facecls.runs import write_json
-from facecls.speed import fold_batchnorm
+from facecls.runtime.speed import fold_batchnorm
 
 DEFAULT_OPSET = 18
 """The exporter's own opset (torch 2.9+); others go through onnx's version converter."""
@@ -262,7 +262,7 @@ def _output_width(proto) -> int:
 
 def _alignment(info: dict) -> dict:
     """How the run's training faces were cropped: the ``facecls prepare`` settings found beside its data."""
-    from facecls.faces.prepare import CONFIG_NAME
+    from facecls.commands.prepare import CONFIG_NAME
 
     data_dir = Path(info.get("data_dir", ""))
     for folder in (data_dir, data_dir / "train", data_dir.parent):
@@ -316,10 +316,10 @@ def _save(proto, path: Path, onnx) -> None:
 
 def _validation_loader(loaded: LoadedRun, console: Console):
     """In-order batches of the run's validation images (uint8, labels), or None where they cannot be read."""
+    from facecls.core.download import cache_dir
     from facecls.data.pipeline import build_datasets, eval_loader
     from facecls.data.split import read_manifest
-    from facecls.distributed import DistEnv
-    from facecls.download import cache_dir
+    from facecls.runtime.distributed import DistEnv
 
     data_dir = Path(loaded.info.get("data_dir", ""))
     rows = [r for r in read_manifest(loaded.run / "split.csv") if r.split == "val"]
@@ -342,7 +342,7 @@ def _validation_loader(loaded: LoadedRun, console: Console):
     dataset = data.datasets.get("val")
     if dataset is None or len(dataset) == 0:
         return None
-    return eval_loader(dataset, 32, DistEnv(), loaded.runtime)
+    return eval_loader(dataset, 32, DistEnv(), workers=loaded.runtime.workers, pin_memory=loaded.runtime.pin_memory)
 
 
 class _Calibration:

@@ -28,10 +28,10 @@ from string import Template
 
 import numpy as np
 
-from facecls import runs
-from facecls.console import Console
+from facecls.core import runs
+from facecls.core.console import Console
+from facecls.core.errors import FaceclsError
 from facecls.data.scan import unescape_name
-from facecls.errors import FaceclsError
 
 MAX_PAIRS = 20
 """most-confused identity pairs shown"""
@@ -139,7 +139,7 @@ def load_run_data(run: Path, split: str | None, console: Console) -> RunData:
                 f"{run} has no {predictions_csv.name} and no checkpoint to make it from; "
                 f"run `facecls evaluate {run} --split {split}` where the checkpoint is"
             )
-        from facecls.evaluation import evaluate_run
+        from facecls.commands.evaluate import evaluate_run
 
         message = (
             f"{run} had no {predictions_csv.name}: evaluated its {checkpoint} checkpoint on the {split} split "
@@ -338,7 +338,7 @@ def _count(value: object) -> str:
 
 
 def section_run_info(r: RunData, rid: str) -> str:
-    from facecls.download import sha256_file
+    from facecls.core.download import sha256_file
 
     info = r.info
     pre = info.get("preprocess", {})
@@ -593,8 +593,8 @@ def _reason_summary(items: list[tuple[str, str]], table_id: str) -> str:
 
 
 def section_data_reports(r: RunData, rid: str) -> str:
+    from facecls.commands.prepare import REPORT_NAME
     from facecls.data.scan import read_skipped
-    from facecls.faces.prepare import REPORT_NAME
 
     parts = []
     skipped = read_skipped(r.path / "skipped_files.csv")
@@ -626,7 +626,7 @@ def section_data_reports(r: RunData, rid: str) -> str:
 
 
 def section_comparison(run_dirs: list[Path]) -> str:
-    from facecls.compare import COLUMNS, best_index, collect_rows, row_cells
+    from facecls.commands.compare import COLUMNS, best_index, collect_rows, row_cells
 
     rows = collect_rows(run_dirs)
     best = best_index(rows)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from facecls.commands.embed import list_for_error, open_embedder, stream_embeddings
-from facecls.console import Console
-from facecls.errors import FaceclsError
+from facecls.core.console import Console
+from facecls.core.errors import FaceclsError
 from facecls.openset import VerificationResult, read_pairs, resolve_pair_images, verification_folds
 
 

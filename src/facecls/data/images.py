@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from facecls.atomic import write_text
+from facecls.core.atomic import write_text
 from facecls.data.scan import describe_file_kind
 
 # Very large images are fine to read (we only downscale); the guard is for decompression bombs.

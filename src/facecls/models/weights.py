@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from facecls.errors import FaceclsError
+from facecls.core.errors import FaceclsError
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def resolve_weights_file(
     spec: WeightSpec | None, path: str | None = None, sha256: str | None = None, offline: bool = False
 ) -> Path:
     """Find the weights file: explicit ``path`` -> package copy -> torch hub cache -> download."""
-    from facecls.download import check_hash_prefix, download_file, hub_checkpoints_dir, sha256_file
+    from facecls.core.download import check_hash_prefix, download_file, hub_checkpoints_dir, sha256_file
 
     if path:
         file = Path(path).expanduser()
@@ -122,7 +122,7 @@ def read_state_dict(file: Path, spec: WeightSpec | None = None) -> dict[str, tor
             warnings.simplefilter("ignore")
             data = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a safe weights file"
-        from facecls.checkpoint import describe_load_error
+        from facecls.core.checkpoint import describe_load_error
 
         raise FaceclsError(
             f"refusing to load {file}: not a plain tensor file ({describe_load_error(exc)}); "

@@ -8,8 +8,8 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from facecls.errors import FaceclsError
-from facecls.runs import write_json
+from facecls.core.errors import FaceclsError
+from facecls.core.run_folder import RunFolder
 
 HEADER = ["image_name", "label"]
 
@@ -23,9 +23,8 @@ class Score:
 
 def record_score(run: Path, score: Score, submission: Path) -> None:
     """Write ``RUN/kaggle.json``, where ``compare`` reads the Kaggle column from."""
-    write_json(
-        Path(run) / "kaggle.json",
-        {"accuracy": score.accuracy, "correct": score.correct, "total": score.total, "submission": str(submission)},
+    RunFolder(run).write_kaggle(
+        {"accuracy": score.accuracy, "correct": score.correct, "total": score.total, "submission": str(submission)}
     )
 
 

@@ -11,16 +11,16 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from facecls.atomic import atomic_write
-from facecls.console import Console
+from facecls.commands.evaluate import load_run
+from facecls.core.atomic import atomic_write
+from facecls.core.console import Console
+from facecls.core.errors import FaceclsError
 from facecls.data.datasets import ImageFiles, shard
 from facecls.data.images import UnreadableImage, check_decodes
 from facecls.data.pipeline import loader_kwargs
 from facecls.data.scan import escape_name, list_flat_images
-from facecls.distributed import DistEnv, broadcast_object, gather_objects
-from facecls.errors import FaceclsError
-from facecls.evaluation import load_run
-from facecls.speed import CompiledInference, Runtime, fold_batchnorm, use_compiled_inference
+from facecls.runtime.distributed import DistEnv, broadcast_object, gather_objects
+from facecls.runtime.speed import CompiledInference, Runtime, fold_batchnorm, use_compiled_inference
 from facecls.unknown import UNKNOWN_LABEL, best_scores, class_scores
 
 
@@ -102,7 +102,8 @@ def predict_loader(
     """In-order batches of ``dataset`` (or of ``indices``), decoded in the runtime's worker processes;
     with ``persistent``, the workers stay up between passes over the loader."""
     sampler = indices if indices is not None else list(range(len(dataset)))
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **loader_kwargs(runtime, persistent))
+    kwargs = loader_kwargs(runtime.workers, runtime.pin_memory, persistent)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
 
 
 @torch.inference_mode()

@@ -17,8 +17,8 @@ import urllib.request
 from pathlib import Path
 
 from facecls import __version__
-from facecls.console import progress_bar
-from facecls.errors import FaceclsError
+from facecls.core.console import progress_bar
+from facecls.core.errors import FaceclsError
 
 OFFLINE_ENV = "FACECLS_OFFLINE"
 CACHE_ENV = "FACECLS_CACHE"
@@ -54,7 +54,7 @@ def hub_checkpoints_dir() -> Path:
 
     Weights are stored there so a checkpoint already fetched by torchvision/timm is reused, not re-downloaded.
     """
-    import torch.hub  # imported here: importing facecls.download should not pay for torch
+    import torch.hub  # imported here: importing facecls.core.download should not pay for torch
 
     return Path(torch.hub.get_dir()) / "checkpoints"
 

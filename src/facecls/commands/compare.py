@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from facecls.atomic import atomic_write, write_text
-from facecls.errors import FaceclsError
+from facecls.core.atomic import atomic_write, write_text
+from facecls.core.errors import FaceclsError
+from facecls.core.run_folder import RunFolder
 
 DISPLAY_NAMES = {
     "resnet50": "ResNet-50",
@@ -26,10 +26,6 @@ class Row:
     val: float | None
     test: float | None
     kaggle: float | None
-
-
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def parse_kaggle(items: list[str]) -> dict[str, float]:
@@ -50,10 +46,9 @@ def collect_rows(run_dirs: list[Path], kaggle: dict[str, float] | None = None) -
     kaggle = dict(kaggle or {})
     rows = []
     for run in map(Path, run_dirs):
-        info = _read_json(run / "run.json")
-        if info is None:
-            raise FaceclsError(f"{run} is not a facecls run folder (no run.json)")
-        val, test = _read_json(run / "eval_val.json"), _read_json(run / "eval_test.json")
+        folder = RunFolder(run)
+        info = folder.read_info()
+        val, test = folder.read_eval("val"), folder.read_eval("test")
         if val is None and test is None:
             raise FaceclsError(f"{run} has no results yet: run `facecls evaluate {run} --split test` first")
         score = None
@@ -61,8 +56,9 @@ def collect_rows(run_dirs: list[Path], kaggle: dict[str, float] | None = None) -
             if key in kaggle:
                 score = kaggle.pop(key)
                 break
-        if score is None and (run / "kaggle.json").is_file():
-            score = 100 * _read_json(run / "kaggle.json")["accuracy"]
+        recorded = folder.read_kaggle()
+        if score is None and recorded is not None:
+            score = 100 * recorded["accuracy"]
         name = DISPLAY_NAMES.get(info.get("model"), info.get("model", run.name))
         rows.append(
             Row(

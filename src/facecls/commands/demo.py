@@ -10,17 +10,17 @@ import shutil
 import time
 from pathlib import Path
 
+from facecls.commands.compare import collect_rows, to_markdown, write_table
+from facecls.commands.predict import predict_folder
 from facecls.commands.report import write_report
-from facecls.compare import collect_rows, to_markdown, write_table
+from facecls.commands.score import record_score, score_submission
+from facecls.commands.train import train
 from facecls.config import load_recipe
-from facecls.console import Console
+from facecls.core.console import Console
+from facecls.core.download import cache_dir
+from facecls.core.errors import FaceclsError
 from facecls.data.synthetic import SyntheticSpec, ensure_synthetic_faces
-from facecls.download import cache_dir
-from facecls.errors import FaceclsError
 from facecls.models.registry import get_weight_spec
-from facecls.predict import predict_folder
-from facecls.score import record_score, score_submission
-from facecls.training import train
 
 
 def _budget(size: int, epochs: int, batch: int, lr: float) -> list[str]:

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from facecls.distributed import DistEnv, all_reduce_sum, broadcast_buffers, gather_objects
-from facecls.speed import Runtime
+from facecls.runtime.distributed import DistEnv, all_reduce_sum, broadcast_buffers, gather_objects
+from facecls.runtime.speed import Runtime
 
 
 @dataclass

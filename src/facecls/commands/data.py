@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from facecls.download import cache_dir, download_file, is_offline, sha256_file
-from facecls.errors import FaceclsError
+from facecls.core.download import cache_dir, download_file, is_offline, sha256_file
+from facecls.core.errors import FaceclsError
 
 Variant = Literal["funneled", "original"]
 SUMMARY_FILE = "lfw.json"

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facecls import atomic
-from facecls.atomic import atomic_write
-from facecls.errors import FaceclsError
+from facecls.core import atomic
+from facecls.core.atomic import atomic_write
+from facecls.core.errors import FaceclsError
 
 FORMAT_VERSION = 1
 

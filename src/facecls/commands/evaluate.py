@@ -10,21 +10,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facecls import runs
-from facecls.atomic import atomic_write
-from facecls.checkpoint import load_checkpoint, load_model_state
-from facecls.config import Recipe
-from facecls.console import Console
+from facecls.config import Preprocess, Recipe
+from facecls.core.atomic import atomic_write
+from facecls.core.checkpoint import load_checkpoint, load_model_state
+from facecls.core.console import Console
+from facecls.core.errors import FaceclsError
+from facecls.core.run_folder import RunFolder
 from facecls.data.pipeline import build_datasets, eval_loader
 from facecls.data.scan import escape_name
-from facecls.data.split import read_manifest
 from facecls.data.transforms import Normalize
-from facecls.distributed import DistEnv
-from facecls.engine import evaluate
-from facecls.errors import FaceclsError
+from facecls.engine.steps import evaluate
 from facecls.models.registry import FaceClassifier, create_model, default_flip_tta
-from facecls.runs import Preprocess
-from facecls.speed import Runtime, resolve_runtime
+from facecls.runtime.distributed import DistEnv
+from facecls.runtime.speed import Runtime, resolve_runtime
 
 
 @dataclass
@@ -48,26 +46,20 @@ def load_run(
 ) -> LoadedRun:
     """Read a run folder and build its model from ``best.ckpt`` (or ``last``, or a file path). ``tta``:
     flip test-time augmentation on or off; None: the recipe's model.flip_tta (or the model's default)."""
-    run = Path(run)
+    folder = RunFolder(run)
+    run = folder.path
     if not run.is_dir():
         raise FaceclsError(f"run folder {run} does not exist")
-    recipe = runs.read_run_recipe(run)
-    info = runs.read_run_info(run)
-    ckpt_path = Path(checkpoint) if checkpoint not in ("best", "last") else run / f"{checkpoint}.ckpt"
-    if checkpoint == "best" and not ckpt_path.exists() and (run / "last.ckpt").exists():
-        ckpt_path = run / "last.ckpt"
+    recipe = folder.read_recipe()
+    info = folder.read_info()
+    ckpt_path = folder.find_checkpoint(checkpoint)
     state = load_checkpoint(ckpt_path)
-    class_names = runs.read_class_names(run)
+    class_names = folder.read_class_names()
     if list(state["class_names"]) != class_names:
         raise FaceclsError(f"checkpoint {ckpt_path} was trained on another class list than run {run}")
     if state.get("model_name", recipe.model.name) != recipe.model.name:
         raise FaceclsError(f"checkpoint {ckpt_path} holds a {state['model_name']}, the run is a {recipe.model.name}")
-    try:
-        preprocess = Preprocess.from_dict(info["preprocess"])
-    except (KeyError, TypeError, ValueError):
-        raise FaceclsError(
-            f"{run / 'run.json'} is damaged (no valid 'preprocess' entry); train the run again"
-        ) from None
+    preprocess = folder.read_preprocess()
     runtime = resolve_runtime(recipe.speed, device, local_rank)
     model = create_model(recipe.model.name, len(class_names), recipe.model.head)
     load_model_state(model, state["model"], ckpt_path)
@@ -96,10 +88,11 @@ def evaluate_run(
     env = env or DistEnv()
     console = console or Console(enabled=env.is_main)
     loaded = load_run(run, checkpoint, local_rank=env.local_rank, tta=tta)
-    rows = read_manifest(Path(run) / "split.csv")
+    folder = RunFolder(run)
+    rows = folder.read_split()
     if not any(r.split == split for r in rows):
         raise FaceclsError(f"run {run} has no '{split}' images in its split")
-    from facecls.download import cache_dir
+    from facecls.core.download import cache_dir
 
     data_dir = Path(loaded.info["data_dir"])
     data = build_datasets(
@@ -116,7 +109,7 @@ def evaluate_run(
     )
     dataset = data.datasets[split]
     batch = batch_size or max(1, loaded.recipe.train.batch_size * 2 // env.world_size)
-    loader = eval_loader(dataset, batch, env, loaded.runtime)
+    loader = eval_loader(dataset, batch, env, workers=loaded.runtime.workers, pin_memory=loaded.runtime.pin_memory)
     preds = evaluate(loaded.model, loader, loaded.runtime, loaded.normalize, env)
     metrics = preds.metrics(len(loaded.class_names))
     result = {
@@ -134,10 +127,10 @@ def evaluate_run(
 
         if wants_open_set(loaded) and len(set(preds.labels.tolist())) >= 2:
             result["open_set"] = evaluate_open_set(loaded, split, batch_size=batch_size, console=console)
-        _write_per_class(Path(run) / f"per_class_{split}.csv", preds, loaded.class_names)
+        _write_per_class(folder.per_class_csv(split), preds, loaded.class_names)
         relative = [Path(os.path.relpath(p, data_dir)).as_posix() for p in dataset.paths]
-        write_predictions(Path(run) / f"predictions_{split}.csv", preds, relative, loaded.class_names)
-        runs.write_json(Path(run) / f"eval_{split}.json", result)
+        write_predictions(folder.predictions_csv(split), preds, relative, loaded.class_names)
+        folder.write_eval(split, result)
         if not quiet:
             console.print_result(
                 f"{split}: top-1 {100 * metrics['top1']:.2f}%  top-5 {100 * metrics['top5']:.2f}%  "

@@ -1,13 +1,5 @@
-"""The run folder: what a training run writes and what evaluate/predict/compare read back.
-
-RUN/
-  config.yaml        resolved recipe          run.json       data dir, preprocessing, weights, env
-  split.csv          split manifest           classes.json   class names (index = position)
-  metrics.csv        per-epoch metrics        curves.png     loss / accuracy / lr per epoch
-  last.ckpt best.ckpt                         skipped_files.csv
-  eval_<split>.json  per_class_<split>.csv    predictions_<split>.csv   (from evaluate)
-  .lock              held (flock) by the process that writes the run; see RunLock
-"""
+"""Run files: atomic writes, the recipe and run.json read back, metrics.csv and its plot, the recorded
+environment. Which file is where, and the run as a whole: facecls.core.run_folder."""
 
 from __future__ import annotations
 
@@ -18,31 +10,14 @@ import os
 import platform
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from facecls import __version__, atomic
+from facecls import __version__
 from facecls.config import Recipe, recipe_from_dict, recipe_to_dict
-from facecls.errors import FaceclsError
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How images become model inputs; fixed per run so evaluate and predict match training."""
-
-    input_size: int
-    resize: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    def as_dict(self) -> dict:
-        return {"input_size": self.input_size, "resize": self.resize, "mean": list(self.mean), "std": list(self.std)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Preprocess:
-        return cls(int(d["input_size"]), int(d["resize"]), tuple(d["mean"]), tuple(d["std"]))
+from facecls.core import atomic
+from facecls.core.errors import FaceclsError
 
 
 def git_revision() -> str | None:

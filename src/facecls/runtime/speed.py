@@ -13,8 +13,8 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from facecls.config import SpeedConfig
-from facecls.errors import FaceclsError
-from facecls.machine import available_cpus
+from facecls.core.errors import FaceclsError
+from facecls.runtime.machine import available_cpus
 
 
 @lru_cache(maxsize=1)
@@ -144,7 +144,7 @@ def prepare_training_model(model: nn.Module, runtime: Runtime) -> nn.Module:
     memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
     model = model.to(runtime.device, memory_format=memory_format)
     if runtime.depthwise_fp32_input_grad:
-        from facecls.cpu_kernels import use_fp32_input_grad_for_strided_depthwise
+        from facecls.runtime.cpu_kernels import use_fp32_input_grad_for_strided_depthwise
 
         use_fp32_input_grad_for_strided_depthwise(model)
     return model

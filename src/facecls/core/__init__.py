@@ -1,0 +1,1 @@
+"""Plumbing every layer uses: errors, console, download and hashing, ONNX files, checkpoints, the run folder."""

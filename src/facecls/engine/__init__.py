@@ -1,0 +1,1 @@
+"""The training core: the builder of a run, the loop with its callbacks, the train/evaluate steps."""

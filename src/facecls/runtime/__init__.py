@@ -1,0 +1,1 @@
+"""How the process runs: device and precision, CPUs and threads, allocator, CPU kernels, torchrun."""
