@@ -94,7 +94,7 @@ def sklearn_reference(paths: dict) -> list[dict]:
     """(a): LogisticRegression on unit embeddings (train: the image; TTA: image + mirror at test time)."""
     from sklearn.linear_model import LogisticRegression
 
-    from facecls.embeddings import compute_embeddings, load_embedder
+    from facecls.engine.embeddings import compute_embeddings, load_embedder
 
     results = []
     embedder = load_embedder("sface", "opencv-zoo-int8bq", offline=True)

@@ -85,7 +85,7 @@ def model_only(sides: dict[str, Path], run: Path, batch: int, repeats: int) -> d
 
     from facecls.commands.evaluate import load_run
     from facecls.commands.predict import inference_model
-    from facecls.onnx_model import OnnxModel
+    from facecls.runtime.onnx_model import OnnxModel
 
     loaded = load_run(run)
     size = loaded.preprocess.input_size

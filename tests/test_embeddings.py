@@ -1,4 +1,4 @@
-"""The shared embedding API (facecls.embeddings) on real aligned faces."""
+"""The shared embedding API (facecls.engine.embeddings) on real aligned faces."""
 
 import importlib.util
 from pathlib import Path
@@ -10,7 +10,7 @@ from PIL import Image
 
 from facecls.config import HeadConfig, Preprocess, SpeedConfig
 from facecls.core.errors import FaceclsError
-from facecls.embeddings import compute_embeddings, embedder_of, embedding_part, iter_embeddings, load_embedder
+from facecls.engine.embeddings import compute_embeddings, embedder_of, embedding_part, iter_embeddings, load_embedder
 from facecls.models.registry import create_model, get_entry, list_models
 from facecls.runtime.speed import resolve_runtime
 

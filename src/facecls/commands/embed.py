@@ -22,7 +22,7 @@ import numpy as np
 from facecls.core.console import Console
 from facecls.core.errors import FaceclsError
 from facecls.data.scan import is_hidden, is_image_name
-from facecls.embeddings import Embedder, embedder_from_run, iter_embeddings, load_embedder
+from facecls.engine.embeddings import Embedder, embedder_from_run, iter_embeddings, load_embedder
 
 
 def list_for_error(names: list[str], limit: int = 10) -> str:

@@ -29,7 +29,7 @@ from facecls.core.checkpoint import save_checkpoint
 from facecls.core.console import Console
 from facecls.core.errors import FaceclsError
 from facecls.data.scan import scan_identity_folders
-from facecls.embeddings import embedder_of
+from facecls.engine.embeddings import embedder_of
 
 # Files that describe the source model's own evaluations or checkpoints: not carried over.
 _NOT_COPIED = ("best.ckpt", "last.ckpt", "openset.json", "kaggle.json", "classes.json")

@@ -123,7 +123,7 @@ def evaluate_run(
         "flip_tta": loaded.model.flip_tta,
     }
     if env.is_main:
-        from facecls.unknown import evaluate_open_set, wants_open_set
+        from facecls.engine.unknown import evaluate_open_set, wants_open_set
 
         if wants_open_set(loaded) and len(set(preds.labels.tolist())) >= 2:
             result["open_set"] = evaluate_open_set(loaded, split, batch_size=batch_size, console=console)

@@ -7,7 +7,7 @@ is dynamic. The graph is then simplified with onnxslim (constant folding, dead-n
 fusions, pure Python on onnx's own IR, released often; onnxsim, the older choice, is a C++ extension whose
 wheels have trailed new Python and onnx releases), kept only if onnxruntime gives a probe batch the same
 outputs, checked with ``onnx.checker`` (full check, with shape inference) and given the metadata of
-`facecls.onnx_model.OnnxMetadata`. An ``opset`` other than the exporter's 18 goes through onnx's version
+`facecls.runtime.onnx_model.OnnxMetadata`. An ``opset`` other than the exporter's 18 goes through onnx's version
 converter, or is refused in one line when the graph cannot be expressed at it.
 
 Every export is checked against PyTorch on the run's validation images: the largest absolute logit
@@ -38,7 +38,7 @@ from facecls.commands.evaluate import LoadedRun, load_run
 from facecls.core.console import Console
 from facecls.core.errors import FaceclsError
 from facecls.core.runs import write_json
-from facecls.onnx_model import OnnxMetadata, OnnxModel, write_metadata
+from facecls.runtime.onnx_model import OnnxMetadata, OnnxModel, write_metadata
 from facecls.runtime.speed import fold_batchnorm
 
 DEFAULT_OPSET = 18
@@ -246,7 +246,7 @@ def _simplify(proto, onnx, size: int):
 
 
 def _run_proto(proto, batch: np.ndarray) -> np.ndarray:
-    from facecls.onnx_model import import_onnxruntime
+    from facecls.runtime.onnx_model import import_onnxruntime
 
     ort = import_onnxruntime()
     options = ort.SessionOptions()

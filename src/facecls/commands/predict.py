@@ -19,9 +19,9 @@ from facecls.data.datasets import ImageFiles, shard
 from facecls.data.images import UnreadableImage, check_decodes
 from facecls.data.pipeline import loader_kwargs
 from facecls.data.scan import escape_name, list_flat_images
+from facecls.engine.unknown import UNKNOWN_LABEL, best_scores, class_scores
 from facecls.runtime.distributed import DistEnv, broadcast_object, gather_objects
 from facecls.runtime.speed import CompiledInference, Runtime, fold_batchnorm, use_compiled_inference
-from facecls.unknown import UNKNOWN_LABEL, best_scores, class_scores
 
 
 @dataclass
@@ -115,7 +115,7 @@ def predict_batches(
     unknown: float | None = None,
 ):
     """Yield ``(predicted class indices, dataset indices, statuses)`` per batch (model in eval mode).
-    With an ``unknown`` threshold, an image whose score (see facecls.unknown.class_scores) is below it
+    With an ``unknown`` threshold, an image whose score (see facecls.engine.unknown.class_scores) is below it
     gets class -1."""
     for images_u8, idx, status in loader:
         x = normalize(images_u8)
@@ -152,7 +152,7 @@ def predict_folder(
     """One row per image (``image_name,label``), sorted by name. Rows stream to the file, so memory
     does not grow with the folder. Unreadable images fail the run up front unless skipped.
     With ``unknown`` ("auto" or a threshold), faces scoring below the threshold are labelled ``unknown``
-    (see facecls.unknown; "auto" measures the threshold for the false-accept rate ``far``).
+    (see facecls.engine.unknown; "auto" measures the threshold for the false-accept rate ``far``).
     Two backends: PyTorch on a run folder's checkpoint, or onnxruntime on an exported model, when ``run``
     is a ``.onnx`` file or ``onnx_model`` is given (then checked against the run folder ``run``).
     ``env``: the process group the caller joined (default: this process alone)."""
@@ -170,14 +170,14 @@ def predict_folder(
             raise FaceclsError("--checkpoint picks a run's checkpoint; an ONNX model is one (see export --checkpoint)")
         if unknown is not None:
             raise FaceclsError("--unknown needs the run folder's embeddings; predict with the run, not an ONNX model")
-        from facecls.onnx_model import load_onnx_predictor
+        from facecls.runtime.onnx_model import load_onnx_predictor
 
         loaded = load_onnx_predictor(onnx_model, run)
     else:
         loaded = load_run(run, checkpoint, local_rank=env.local_rank, tta=tta)
     open_set = None
     if unknown is not None:
-        from facecls.unknown import resolve_threshold
+        from facecls.engine.unknown import resolve_threshold
 
         if UNKNOWN_LABEL in loaded.class_names:
             raise FaceclsError(f"run {run} has a class named '{UNKNOWN_LABEL}'; --unknown cannot label faces with it")

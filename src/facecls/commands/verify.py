@@ -16,7 +16,7 @@ import numpy as np
 from facecls.commands.embed import list_for_error, open_embedder, stream_embeddings
 from facecls.core.console import Console
 from facecls.core.errors import FaceclsError
-from facecls.openset import VerificationResult, read_pairs, resolve_pair_images, verification_folds
+from facecls.engine.openset import VerificationResult, read_pairs, resolve_pair_images, verification_folds
 
 
 def pair_scores(embeddings: np.ndarray, index: dict[str, int], first: list[str], second: list[str]) -> np.ndarray:

@@ -401,7 +401,7 @@ class StoredFeaturePhase(Phase):
         return self.progress.epochs if self.progress.done else self.train.head_max_epochs
 
     def enter(self, loop: Loop) -> nn.Module:
-        from facecls.features import ToDevice
+        from facecls.engine.features import ToDevice
 
         s = loop.setup
         set_phase(loop.model, True, s.recipe.train)
@@ -457,8 +457,8 @@ def stored_feature_loaders(loop: Loop):
     validation images (the image, and its mirror with flip TTA, averaged as the model does), computed once
     by rank 0 and reused from the cache afterwards."""
     from facecls.core.download import cache_dir
-    from facecls.embeddings import embedder_of
-    from facecls.features import (
+    from facecls.engine.embeddings import embedder_of
+    from facecls.engine.features import (
         StoredFeatures,
         feature_eval_loader,
         feature_train_loader,

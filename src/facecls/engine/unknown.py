@@ -25,7 +25,7 @@ import torch
 from facecls.core import runs
 from facecls.core.console import Console
 from facecls.core.errors import FaceclsError
-from facecls.openset import HeldOutProbes, heldout_best, identity_groups, open_set_report, threshold_at_far
+from facecls.engine.openset import HeldOutProbes, heldout_best, identity_groups, open_set_report, threshold_at_far
 
 OPENSET_FILE = "openset.json"
 UNKNOWN_LABEL = "unknown"

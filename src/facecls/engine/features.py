@@ -26,7 +26,7 @@ from torchvision.transforms.v2 import functional as F
 from facecls.core.console import Console
 from facecls.data.datasets import EpochSampler, FaceImages, sample_seed, shard
 from facecls.data.images import DecodedCache
-from facecls.embeddings import Embedder, compute_embeddings
+from facecls.engine.embeddings import Embedder, compute_embeddings
 
 FORMAT = "facecls-features-v2"
 
