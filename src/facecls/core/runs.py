@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import io
 import json
 import os
 import platform
@@ -160,12 +161,17 @@ class RunLock:
 
 
 def append_metrics(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        if new:
+    """Add one epoch's row. The file (a few KB: one row per epoch) is written anew through the atomic
+    writer, so a kill or a full disk leaves the previous rows intact and never half a row."""
+    earlier = path.read_bytes() if path.exists() else b""
+    with atomic.atomic_write(path, "wb") as handle:
+        handle.write(earlier)
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=list(row))
+        if not earlier:
             writer.writeheader()
         writer.writerow(row)
+        handle.write(buffer.getvalue().encode("utf-8"))
 
 
 def read_metrics(path: Path) -> list[dict]:
