@@ -119,7 +119,7 @@ def enrol_run(
 ) -> EnrolSummary:
     """Write NEW_RUN = ``run`` + the identities of ``data/<identity>/*`` (see the module docstring).
     ``flip`` embeds each image with its mirror; None: as the run predicts (its flip test-time augmentation)."""
-    from facecls.commands.evaluate import load_run
+    from facecls.engine.inference import load_run
 
     started = time.perf_counter()
     console = Console(progress=progress)

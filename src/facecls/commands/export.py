@@ -34,10 +34,10 @@ import torch
 from torch import nn
 
 from facecls import __version__
-from facecls.commands.evaluate import LoadedRun, load_run
 from facecls.core.console import Console
 from facecls.core.errors import FaceclsError
 from facecls.core.runs import write_json
+from facecls.engine.inference import LoadedRun, load_run
 from facecls.runtime.onnx_model import OnnxMetadata, OnnxModel, write_metadata
 from facecls.runtime.speed import fold_batchnorm
 

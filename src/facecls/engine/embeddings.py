@@ -104,7 +104,7 @@ def load_embedder(
 
 def embedder_from_run(run: Path, checkpoint: str = "best", device: str | None = None) -> Embedder:
     """The trained backbone of a run folder (``best.ckpt`` by default) with the run's preprocessing."""
-    from facecls.commands.evaluate import load_run
+    from facecls.engine.inference import load_run
 
     loaded = load_run(Path(run), checkpoint, device)
     return embedder_of(loaded.model, loaded.preprocess, loaded.runtime, loaded.recipe.model.name)
@@ -139,7 +139,7 @@ class _Images(Dataset):
 
 def image_loader(source: Sequence[str | Path] | Dataset, embedder: Embedder, batch_size: int):
     """In-order batches ``(uint8 images, indices, statuses)`` of ``source`` at the embedder's input size."""
-    from facecls.commands.predict import predict_loader
+    from facecls.engine.inference import predict_loader
 
     return predict_loader(_Images(source, embedder.preprocess.input_size), batch_size, embedder.runtime)
 
@@ -179,7 +179,7 @@ def iter_embeddings(
     (`compute_embeddings` refuses them). The backbone runs in eval mode (its previous mode is restored),
     with BatchNorm folded and bf16/channels_last as the embedder's runtime says. ``l2_normalize=False``
     gives the backbone's raw features, what a model's head takes."""
-    from facecls.commands.predict import inference_model
+    from facecls.engine.inference import inference_model
 
     backbone = embedder.backbone
     was_training = backbone.training
