@@ -12,9 +12,9 @@ from facecls.core.atomic import atomic_write
 from facecls.core.console import Console
 from facecls.core.errors import FaceclsError
 from facecls.core.run_folder import RunFolder
-from facecls.data.pipeline import build_datasets, eval_loader
+from facecls.data.pipeline import eval_loader
 from facecls.data.scan import escape_name
-from facecls.engine.inference import load_run
+from facecls.engine.inference import load_run, split_dataset
 from facecls.engine.steps import evaluate
 from facecls.runtime.distributed import DistEnv
 
@@ -41,21 +41,8 @@ def evaluate_run(
     rows = folder.read_split()
     if not any(r.split == split for r in rows):
         raise FaceclsError(f"run {run} has no '{split}' images in its split")
-    from facecls.core.download import cache_dir
-
     data_dir = Path(loaded.info["data_dir"])
-    data = build_datasets(
-        data_dir,
-        rows,
-        loaded.preprocess,
-        loaded.recipe.data.augment,
-        use_cache=loaded.recipe.speed.decoded_cache,
-        cache_root=cache_dir() / "decoded",
-        workers=max(1, loaded.runtime.threads),
-        env=env,
-        splits=(split,),
-        class_names=loaded.class_names,
-    )
+    data = split_dataset(loaded, rows, split, env)
     dataset = data.datasets[split]
     batch = batch_size or max(1, loaded.recipe.train.batch_size * 2 // env.world_size)
     loader = eval_loader(dataset, batch, env, workers=loaded.runtime.workers, pin_memory=loaded.runtime.pin_memory)

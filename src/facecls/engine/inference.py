@@ -15,9 +15,11 @@ from facecls.core.checkpoint import load_checkpoint, load_model_state
 from facecls.core.console import Console
 from facecls.core.errors import FaceclsError
 from facecls.core.run_folder import RunFolder
-from facecls.data.pipeline import loader_kwargs
+from facecls.data.pipeline import SplitData, build_datasets, loader_kwargs
+from facecls.data.split import ManifestRow
 from facecls.data.transforms import Normalize
 from facecls.models.registry import FaceClassifier, create_model, default_flip_tta
+from facecls.runtime.distributed import DistEnv
 from facecls.runtime.speed import CompiledInference, Runtime, fold_batchnorm, resolve_runtime, use_compiled_inference
 
 
@@ -64,6 +66,26 @@ def load_run(
     model = model.to(runtime.device, memory_format=memory_format).eval()
     normalize = Normalize(preprocess.mean, preprocess.std, runtime.channels_last).to(runtime.device)
     return LoadedRun(run, recipe, info, class_names, preprocess, model, runtime, normalize, state, ckpt_path)
+
+
+def split_dataset(loaded: LoadedRun, rows: list[ManifestRow], split: str, env: DistEnv) -> SplitData:
+    """The ``split`` images of ``rows`` (a run's split manifest) under the run's data folder, decoded for
+    evaluation with the run's preprocessing and decoded-image cache (see build_datasets): ``.datasets`` holds
+    the split (when it has rows), ``.skipped`` its unreadable files."""
+    from facecls.core.download import cache_dir
+
+    return build_datasets(
+        Path(loaded.info.get("data_dir", "")),
+        rows,
+        loaded.preprocess,
+        loaded.recipe.data.augment,
+        use_cache=loaded.recipe.speed.decoded_cache,
+        cache_root=cache_dir() / "decoded",
+        workers=max(1, loaded.runtime.threads),
+        env=env,
+        splits=(split,),
+        class_names=loaded.class_names,
+    )
 
 
 def inference_model(
