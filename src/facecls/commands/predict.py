@@ -19,6 +19,7 @@ from facecls.data.images import UnreadableImage, check_decodes
 from facecls.data.scan import escape_name, list_flat_images
 from facecls.engine.inference import inference_model, load_run, predict_loader
 from facecls.engine.unknown import UNKNOWN_LABEL, best_scores, class_scores
+from facecls.faces.align import DetectLoader
 from facecls.runtime.distributed import DistEnv, broadcast_object, gather_objects
 from facecls.runtime.speed import CompiledInference, Runtime
 
@@ -46,25 +47,6 @@ def quick_check(paths: list[Path]) -> list[str]:
 def _list_for_error(names: list[str]) -> str:
     shown = ", ".join(names[:10])
     return shown + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-
-
-class _DetectLoader:
-    """Detect + align each photo (lazily building one detector per worker process)."""
-
-    def __init__(self, detector: Path | None, margin: float):
-        self.detector, self.margin, self.aligner = detector, margin, None
-
-    def __call__(self, path: Path, size: int):
-        from facecls.data.images import open_rgb, resize_square
-        from facecls.faces.align import FaceAligner
-
-        if self.aligner is None:
-            self.aligner = FaceAligner(size=size, margin=self.margin, detector=self.detector)
-        img = open_rgb(path)
-        crop, _report = self.aligner(img)
-        if crop is None:
-            return resize_square(img, size), "no-face"
-        return crop, "ok"
 
 
 def report_compile_failure(model: torch.nn.Module, console: Console) -> None:
@@ -156,7 +138,7 @@ def predict_folder(
             f"{len(bad)} of {len(paths)} images in {images} are unreadable ({_list_for_error(bad)}); "
             "fix or remove them, or pass --skip-unreadable to leave them out of the submission"
         )
-    loader_fn = _DetectLoader(detector, margin) if detect else None
+    loader_fn = DetectLoader(detector, margin) if detect else None
     dataset = ImageFiles(paths, loaded.preprocess.input_size, loader_fn)
     indices = shard(list(range(len(paths))), env.rank, env.world_size)
     runtime = loaded.runtime
