@@ -83,8 +83,7 @@ def model_only(sides: dict[str, Path], run: Path, batch: int, repeats: int) -> d
     """Images per second of each model on one pre-decoded, normalised batch (median of ``repeats``)."""
     import torch
 
-    from facecls.commands.evaluate import load_run
-    from facecls.commands.predict import inference_model
+    from facecls.engine.inference import inference_model, load_run
     from facecls.runtime.onnx_model import OnnxModel
 
     loaded = load_run(run)

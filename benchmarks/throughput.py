@@ -36,12 +36,13 @@ from torchvision import datasets as tv_datasets
 from torchvision import models as tvm
 from torchvision import transforms as T
 
-from facecls.commands.predict import inference_model, predict_batches, predict_loader
+from facecls.commands.predict import predict_batches
 from facecls.commands.train import seed_everything
 from facecls.config import load_recipe
 from facecls.data.datasets import ImageFiles
 from facecls.data.scan import list_flat_images
 from facecls.engine.builder import build_data, build_training, set_phase
+from facecls.engine.inference import inference_model, predict_loader
 from facecls.engine.steps import RunningStats, StepContext, train_one_epoch
 from facecls.runtime.allocator import reexec_with_jemalloc
 from facecls.runtime.speed import CompiledInference, resolve_runtime

@@ -427,16 +427,18 @@ def cmd_export(args, argv: list[str]) -> int:
     return 0
 
 
+def _embed_options(args, flip: bool):
+    from facecls.engine.embeddings import EmbedOptions
+
+    return EmbedOptions(flip, args.detect, args.detector, args.margin, args.batch_size)
+
+
 def _embedding_source(args) -> dict:
     return {
         "model": args.model,
         "weights": args.weights,
         "checkpoint": args.checkpoint,
-        "flip": args.tta,
-        "detect": args.detect,
-        "detector": args.detector,
-        "margin": args.margin,
-        "batch_size": args.batch_size,
+        "options": _embed_options(args, args.tta),
         "offline": args.offline,
         "progress": not args.no_progress,
     }
@@ -464,11 +466,8 @@ def cmd_enrol(args, argv: list[str]) -> int:
         args.data,
         args.out,
         checkpoint=args.checkpoint,
+        options=_embed_options(args, True),
         flip=args.tta,
-        detect=args.detect,
-        detector=args.detector,
-        margin=args.margin,
-        batch_size=args.batch_size,
         progress=not args.no_progress,
     )
     return 0

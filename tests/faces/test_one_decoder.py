@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from facecls.commands.predict import _DetectLoader
 from facecls.commands.prepare import _SAVE_OPTIONS, prepare_folder
 from facecls.data.datasets import FaceImages
+from facecls.faces.align import DetectLoader
 
 # Training decodes straight at the input size; a JPEG whose half size is under it is decoded whole (no
 # libjpeg DCT scaling), so a JPEG variant and its PNG reference must agree to the last bit.
@@ -75,7 +75,7 @@ def test_every_reader_decodes_each_variant_as_its_reference(faces_data: Path, tm
     decoded = {path.name: images.image(i).permute(1, 2, 0).numpy() for i, path in enumerate(paths)}
 
     # predict --detect
-    detect = _DetectLoader(None, 0.0)
+    detect = DetectLoader(None, 0.0)
     detected = {path.name: detect(path, SIZE) for path in paths}
 
     # prepare

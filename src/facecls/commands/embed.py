@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 from facecls.core.console import Console
 from facecls.core.errors import FaceclsError
 from facecls.data.scan import is_hidden, is_image_name
-from facecls.engine.embeddings import Embedder, embedder_from_run, iter_embeddings, load_embedder
+from facecls.engine.embeddings import Embedder, EmbedOptions, embedder_from_run, load_embedder, stream_embeddings
 
 
 def list_for_error(names: list[str], limit: int = 10) -> str:
@@ -71,51 +70,6 @@ def find_images(folder: Path) -> tuple[list[Path], list[str]]:
             (images if is_image_name(name) else others).append(path)
     images.sort(key=lambda p: p.relative_to(folder).as_posix())
     return images, sorted(p.relative_to(folder).as_posix() for p in others if not is_hidden(p.name))
-
-
-def unreadable_up_front(paths: list[Path]) -> set[int]:
-    """Indices of files that do not decode (a full but cheap decode of each)."""
-    from facecls.data.images import UnreadableImage, check_decodes
-
-    bad = set()
-    for i, path in enumerate(paths):
-        try:
-            check_decodes(path)
-        except UnreadableImage:
-            bad.add(i)
-    return bad
-
-
-def stream_embeddings(
-    embedder: Embedder,
-    paths: list[Path],
-    *,
-    flip: bool,
-    detect: bool = False,
-    detector: Path | None = None,
-    margin: float = 0.0,
-    batch_size: int = 128,
-    console: Console | None = None,
-    description: str = "embed",
-) -> Iterator[tuple[list[int], np.ndarray, list[str]]]:
-    """``(indices into paths, float32 unit vectors, statuses)`` per batch. With ``detect``, each photo is
-    detected and aligned first (a photo without a face is embedded from a centre crop); undecodable files
-    are found up front there, as a dataset given to `iter_embeddings` passes no statuses through."""
-    if not detect:
-        for indices, vectors, statuses in iter_embeddings(
-            embedder, paths, batch_size=batch_size, flip=flip, console=console, description=description
-        ):
-            yield indices, vectors.numpy(), statuses
-        return
-    from facecls.commands.predict import _DetectLoader
-    from facecls.data.datasets import ImageFiles
-
-    bad = unreadable_up_front(paths)
-    dataset = ImageFiles(paths, embedder.preprocess.input_size, _DetectLoader(detector, margin))
-    for indices, vectors, _ in iter_embeddings(
-        embedder, dataset, batch_size=batch_size, flip=flip, console=console, description=description
-    ):
-        yield indices, vectors.numpy(), ["unreadable" if i in bad else "ok" for i in indices]
 
 
 @dataclass
@@ -227,11 +181,7 @@ def embed_folder(
     model: str | None = None,
     weights: str | None = None,
     checkpoint: str = "best",
-    flip: bool = True,
-    detect: bool = False,
-    detector: Path | None = None,
-    margin: float = 0.0,
-    batch_size: int = 128,
+    options: EmbedOptions | None = None,
     offline: bool = False,
     device: str | None = None,
     progress: bool = True,
@@ -239,6 +189,7 @@ def embed_folder(
     """Embed every image under ``images`` (any depth) into ``out``; see the module docstring."""
     console = Console(progress=progress)
     out = Path(out)
+    options = options or EmbedOptions()
     _check_out(out)  # before any model is loaded
     paths, not_images = find_images(images)
     if not paths:
@@ -255,16 +206,7 @@ def embed_folder(
     writer = _writer(out)
     unreadable: list[str] = []
     try:
-        for indices, vectors, statuses in stream_embeddings(
-            embedder,
-            paths,
-            flip=flip,
-            detect=detect,
-            detector=detector,
-            margin=margin,
-            batch_size=batch_size,
-            console=console,
-        ):
+        for indices, vectors, statuses in stream_embeddings(embedder, paths, options, console=console):
             keep = [k for k, s in enumerate(statuses) if s != "unreadable"]
             unreadable += [relative[indices[k]] for k, s in enumerate(statuses) if s == "unreadable"]
             if keep:

@@ -17,19 +17,19 @@ from __future__ import annotations
 import csv
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from facecls.commands.embed import list_for_error, stream_embeddings
+from facecls.commands.embed import list_for_error
 from facecls.core import runs
 from facecls.core.checkpoint import save_checkpoint
 from facecls.core.console import Console
 from facecls.core.errors import FaceclsError
 from facecls.data.scan import scan_identity_folders
-from facecls.engine.embeddings import embedder_of
+from facecls.engine.embeddings import EmbedOptions, embed_files, embedder_of
 
 # Files that describe the source model's own evaluations or checkpoints: not carried over.
 _NOT_COPIED = ("best.ckpt", "last.ckpt", "openset.json", "kaggle.json", "classes.json")
@@ -110,16 +110,14 @@ def enrol_run(
     out: Path,
     *,
     checkpoint: str = "best",
+    options: EmbedOptions | None = None,
     flip: bool | None = None,
-    detect: bool = False,
-    detector: Path | None = None,
-    margin: float = 0.0,
-    batch_size: int = 128,
     progress: bool = True,
 ) -> EnrolSummary:
     """Write NEW_RUN = ``run`` + the identities of ``data/<identity>/*`` (see the module docstring).
-    ``flip`` embeds each image with its mirror; None: as the run predicts (its flip test-time augmentation)."""
-    from facecls.commands.evaluate import load_run
+    ``flip`` embeds each image with its mirror, overriding ``options.flip``; None: as the run predicts (its
+    flip test-time augmentation)."""
+    from facecls.engine.inference import load_run
 
     started = time.perf_counter()
     console = Console(progress=progress)
@@ -134,6 +132,7 @@ def enrol_run(
     kind = gallery_kind(loaded.model)
     if flip is None:
         flip = bool(getattr(loaded.model, "flip_tta", False))
+    options = replace(options or EmbedOptions(), flip=flip)
     data = data.absolute()
     samples, skipped = scan_identity_folders(data.parent, data.name)
     if not samples:
@@ -142,22 +141,9 @@ def enrol_run(
         console.warn(f"{len(skipped)} files or folders left out: {list_for_error([s.path for s in skipped])}")
     paths = [data.parent / s.path for s in samples]
     embedder = embedder_of(loaded.model, loaded.preprocess, loaded.runtime, loaded.recipe.model.name)
-    embeddings = np.zeros((len(paths), embedder.feature_dim), np.float32)
-    unreadable: list[str] = []
     embed_start = time.perf_counter()
-    for indices, vectors, statuses in stream_embeddings(
-        embedder,
-        paths,
-        flip=flip,
-        detect=detect,
-        detector=detector,
-        margin=margin,
-        batch_size=batch_size,
-        console=console,
-        description="enrol",
-    ):
-        embeddings[indices] = vectors
-        unreadable += [samples[i].path for i, s in zip(indices, statuses, strict=True) if s == "unreadable"]
+    embeddings, bad = embed_files(embedder, paths, options, console=console, description="enrol")
+    unreadable = [samples[i].path for i in bad]
     seconds_embedding = time.perf_counter() - embed_start
     if unreadable:
         raise FaceclsError(
@@ -225,7 +211,7 @@ def enrol_run(
             "classes": len(class_names),
             "images": len(samples),
             "flip_tta": flip,
-            "detect": detect,
+            "detect": options.detect,
             "seconds_embedding": round(seconds_embedding, 3),
             "seconds_total": round(seconds_total, 3),
         },

@@ -4,70 +4,19 @@ from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from facecls.config import Preprocess, Recipe
 from facecls.core.atomic import atomic_write
-from facecls.core.checkpoint import load_checkpoint, load_model_state
 from facecls.core.console import Console
 from facecls.core.errors import FaceclsError
 from facecls.core.run_folder import RunFolder
-from facecls.data.pipeline import build_datasets, eval_loader
+from facecls.data.pipeline import eval_loader
 from facecls.data.scan import escape_name
-from facecls.data.transforms import Normalize
+from facecls.engine.inference import load_run, split_dataset
 from facecls.engine.steps import evaluate
-from facecls.models.registry import FaceClassifier, create_model, default_flip_tta
 from facecls.runtime.distributed import DistEnv
-from facecls.runtime.speed import Runtime, resolve_runtime
-
-
-@dataclass
-class LoadedRun:
-    """A trained run ready for inference."""
-
-    run: Path
-    recipe: Recipe
-    info: dict
-    class_names: list[str]
-    preprocess: Preprocess
-    model: FaceClassifier
-    runtime: Runtime
-    normalize: Normalize
-    checkpoint: dict
-    checkpoint_path: Path | None = None
-
-
-def load_run(
-    run: Path, checkpoint: str = "best", device: str | None = None, local_rank: int = 0, tta: bool | None = None
-) -> LoadedRun:
-    """Read a run folder and build its model from ``best.ckpt`` (or ``last``, or a file path). ``tta``:
-    flip test-time augmentation on or off; None: the recipe's model.flip_tta (or the model's default)."""
-    folder = RunFolder(run)
-    run = folder.path
-    if not run.is_dir():
-        raise FaceclsError(f"run folder {run} does not exist")
-    recipe = folder.read_recipe()
-    info = folder.read_info()
-    ckpt_path = folder.find_checkpoint(checkpoint)
-    state = load_checkpoint(ckpt_path)
-    class_names = folder.read_class_names()
-    if list(state["class_names"]) != class_names:
-        raise FaceclsError(f"checkpoint {ckpt_path} was trained on another class list than run {run}")
-    if state.get("model_name", recipe.model.name) != recipe.model.name:
-        raise FaceclsError(f"checkpoint {ckpt_path} holds a {state['model_name']}, the run is a {recipe.model.name}")
-    preprocess = folder.read_preprocess()
-    runtime = resolve_runtime(recipe.speed, device, local_rank)
-    model = create_model(recipe.model.name, len(class_names), recipe.model.head)
-    load_model_state(model, state["model"], ckpt_path)
-    model.flip_tta = default_flip_tta(recipe.model) if tta is None else tta
-    memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
-    model = model.to(runtime.device, memory_format=memory_format).eval()
-    normalize = Normalize(preprocess.mean, preprocess.std, runtime.channels_last).to(runtime.device)
-    return LoadedRun(run, recipe, info, class_names, preprocess, model, runtime, normalize, state, ckpt_path)
 
 
 def evaluate_run(
@@ -92,21 +41,8 @@ def evaluate_run(
     rows = folder.read_split()
     if not any(r.split == split for r in rows):
         raise FaceclsError(f"run {run} has no '{split}' images in its split")
-    from facecls.core.download import cache_dir
-
     data_dir = Path(loaded.info["data_dir"])
-    data = build_datasets(
-        data_dir,
-        rows,
-        loaded.preprocess,
-        loaded.recipe.data.augment,
-        use_cache=loaded.recipe.speed.decoded_cache,
-        cache_root=cache_dir() / "decoded",
-        workers=max(1, loaded.runtime.threads),
-        env=env,
-        splits=(split,),
-        class_names=loaded.class_names,
-    )
+    data = split_dataset(loaded, rows, split, env)
     dataset = data.datasets[split]
     batch = batch_size or max(1, loaded.recipe.train.batch_size * 2 // env.world_size)
     loader = eval_loader(dataset, batch, env, workers=loaded.runtime.workers, pin_memory=loaded.runtime.pin_memory)

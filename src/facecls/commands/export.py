@@ -34,10 +34,10 @@ import torch
 from torch import nn
 
 from facecls import __version__
-from facecls.commands.evaluate import LoadedRun, load_run
 from facecls.core.console import Console
 from facecls.core.errors import FaceclsError
 from facecls.core.runs import write_json
+from facecls.engine.inference import LoadedRun, load_run, split_dataset
 from facecls.runtime.onnx_model import OnnxMetadata, OnnxModel, write_metadata
 from facecls.runtime.speed import fold_batchnorm
 
@@ -316,8 +316,7 @@ def _save(proto, path: Path, onnx) -> None:
 
 def _validation_loader(loaded: LoadedRun, console: Console):
     """In-order batches of the run's validation images (uint8, labels), or None where they cannot be read."""
-    from facecls.core.download import cache_dir
-    from facecls.data.pipeline import build_datasets, eval_loader
+    from facecls.data.pipeline import eval_loader
     from facecls.data.split import read_manifest
     from facecls.runtime.distributed import DistEnv
 
@@ -325,18 +324,7 @@ def _validation_loader(loaded: LoadedRun, console: Console):
     rows = [r for r in read_manifest(loaded.run / "split.csv") if r.split == "val"]
     if not rows or not all((data_dir / r.path).is_file() for r in rows):
         return None
-    data = build_datasets(
-        data_dir,
-        rows,
-        loaded.preprocess,
-        loaded.recipe.data.augment,
-        use_cache=loaded.recipe.speed.decoded_cache,
-        cache_root=cache_dir() / "decoded",
-        workers=max(1, loaded.runtime.threads),
-        env=DistEnv(),
-        splits=("val",),
-        class_names=loaded.class_names,
-    )
+    data = split_dataset(loaded, rows, "val", DistEnv())
     if data.skipped:
         console.warn(f"{len(data.skipped)} validation images are unreadable and left out of the checks")
     dataset = data.datasets.get("val")

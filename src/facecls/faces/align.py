@@ -146,3 +146,22 @@ class FaceAligner:
         except (OSError, ValueError, SyntaxError) as exc:  # truncated / corrupt pixel data
             return None, FaceReport("unreadable", detail=f"{type(exc).__name__}: {exc}")
         return self.align_array(image)
+
+
+class DetectLoader:
+    """An image loader (``path, size -> (RGB uint8 crop, status)``) that detects and aligns each photo, lazily
+    building one detector per worker process; a photo without a face gives a centre crop, status "no-face"."""
+
+    def __init__(self, detector: Path | None, margin: float):
+        self.detector, self.margin, self.aligner = detector, margin, None
+
+    def __call__(self, path: Path, size: int):
+        from facecls.data.images import open_rgb, resize_square
+
+        if self.aligner is None:
+            self.aligner = FaceAligner(size=size, margin=self.margin, detector=self.detector)
+        img = open_rgb(path)
+        crop, _report = self.aligner(img)
+        if crop is None:
+            return resize_square(img, size), "no-face"
+        return crop, "ok"
