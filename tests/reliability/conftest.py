@@ -49,9 +49,10 @@ def copy_identities(faces_data: Path, dest: Path, identities: int, images: int) 
     return dest
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="package", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Decoded-image cache in a temporary folder, never the user's; offline; no jemalloc re-exec."""
+    """Decoded-image cache in a temporary folder, never the user's; offline; no jemalloc re-exec. Package
+    scope: the settings end with this folder's tests instead of leaking into whichever tests run later."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FACECLS_CACHE", str(tmp_path_factory.mktemp("facecls-cache")))
         patch.setenv("FACECLS_JEMALLOC", "0")
