@@ -178,21 +178,28 @@ def test_verify_refuses_pairs_naming_missing_images(five_celebrity_aligned: Path
     assert "ben_afflek/ben_afflek_0009" in _error_line(capsys)
 
 
-def test_enrol_adds_identities_and_leaves_source_untouched(
-    ncm_run: Path, five_celebrity_aligned: Path, tmp_path: Path, capsys
-) -> None:
-    before = _tree_hashes(ncm_run)
-    new_dir, probes = tmp_path / "new", tmp_path / "probes"
+def _split_new_people(source: Path, new_dir: Path, probes: Path) -> dict[str, str]:
+    """The NEW people's first 10 images of ``source`` to enrol (``new_dir/<identity>/``), the rest as flat
+    probes; returns probe file name -> identity."""
     probes.mkdir()
     truth = {}
     for name in NEW:
-        images = _images(five_celebrity_aligned / name)
+        images = _images(source / name)
         (new_dir / name).mkdir(parents=True)
         for image in images[:10]:
             shutil.copy(image, new_dir / name / image.name)
         for image in images[10:]:
             shutil.copy(image, probes / f"{name}__{image.name}")
             truth[f"{name}__{image.name}"] = name
+    return truth
+
+
+def test_enrol_adds_identities_and_leaves_source_untouched(
+    ncm_run: Path, five_celebrity_aligned: Path, tmp_path: Path, capsys
+) -> None:
+    before = _tree_hashes(ncm_run)
+    new_dir, probes = tmp_path / "new", tmp_path / "probes"
+    truth = _split_new_people(five_celebrity_aligned, new_dir, probes)
     for image in _images(five_celebrity_aligned / "ben_afflek")[:6]:
         shutil.copy(image, probes / f"ben__{image.name}")
         truth[f"ben__{image.name}"] = "ben_afflek"
@@ -264,16 +271,7 @@ def test_raw_photos_with_detect(ncm_run: Path, five_celebrity_aligned: Path, fac
     assert cosines.mean() > 0.97, cosines
 
     new_dir, probes = tmp_path / "new", tmp_path / "probes"
-    probes.mkdir()
-    truth = {}
-    for name in NEW:
-        images = _images(raw / name)
-        (new_dir / name).mkdir(parents=True)
-        for image in images[:10]:
-            shutil.copy(image, new_dir / name / image.name)
-        for image in images[10:]:
-            shutil.copy(image, probes / f"{name}__{image.name}")
-            truth[f"{name}__{image.name}"] = name
+    truth = _split_new_people(raw, new_dir, probes)
     enrolled = tmp_path / "enrolled"
     args = ["enrol", str(ncm_run), "--data", str(new_dir), "--out", str(enrolled), "--detect", "--no-progress"]
     assert main(args) == 0
