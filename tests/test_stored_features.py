@@ -15,6 +15,7 @@ from PIL import Image
 from facecls.commands.train import train
 from facecls.config import SpeedConfig, load_recipe
 from facecls.core.errors import FaceclsError
+from facecls.core.run_folder import RunFolder
 from facecls.engine import loop as loop_module
 from facecls.engine.embeddings import compute_embeddings, load_embedder
 
@@ -60,11 +61,15 @@ def _metrics(run: Path) -> list[dict]:
         return [{k: v for k, v in r.items() if k not in ("seconds", "train_img_per_s")} for r in csv.DictReader(handle)]
 
 
-def _stores() -> dict[int, Path]:
-    """Stored feature files by their number of images."""
+def _cache_root() -> Path:
     from facecls.core.download import cache_dir
 
-    return {int(np.load(f, mmap_mode="r").shape[1]): f for f in (cache_dir() / "features").glob("*/features.npy")}
+    return cache_dir()
+
+
+def _stores() -> dict[int, Path]:
+    """Stored feature files by their number of images."""
+    return {int(np.load(f, mmap_mode="r").shape[1]): f for f in (_cache_root() / "features").glob("*/features.npy")}
 
 
 def test_stored_features_equal_fresh_ones_and_a_second_run_reuses_them(celeb, tmp_path):
@@ -75,7 +80,9 @@ def test_stored_features_equal_fresh_ones_and_a_second_run_reuses_them(celeb, tm
     stores = _stores()
     with open(tmp_path / "first" / "split.csv", newline="") as handle:
         paths = [celeb / r["path"] for r in csv.DictReader(handle) if r["split"] == "train"]
-    assert len(stores) == 2  # train, and val (the image and its mirror: sface evaluates with flip TTA)
+    # train, val and test (val and test: the image and its mirror, as sface evaluates with flip TTA; the
+    # final evaluation reads them too, the backbone being the pretrained one)
+    assert len(list((_cache_root() / "features").glob("*/features.npy"))) == 3
     stored = torch.from_numpy(np.load(stores[len(paths)]))
     assert stored.shape == (2, len(paths), 128)
 
@@ -191,3 +198,58 @@ def test_nearest_mean_and_knn_runs_evaluate_predict_and_compare(celeb, tmp_path)
     table = collect_rows(runs)
     assert [r.run for r in table] == ["sface_ncm", "sface_knn"]
     assert all(r.test is not None and r.test >= 80 for r in table)
+
+
+def test_evaluation_of_a_frozen_backbone_run_reads_the_stores_and_matches_the_model(celeb, tmp_path):
+    from facecls.commands.evaluate import evaluate_run
+    from facecls.data.pipeline import eval_loader
+    from facecls.engine.inference import load_run, split_dataset
+    from facecls.engine.steps import evaluate
+    from facecls.runtime.distributed import DistEnv
+
+    run = tmp_path / "run"
+    train(_recipe(), celeb, run, progress=False)
+    before = {f: f.stat().st_mtime_ns for f in (_cache_root() / "features").glob("*/features.npy")}
+    stored = evaluate_run(run, "test", quiet=True)
+    assert {f: f.stat().st_mtime_ns for f in (_cache_root() / "features").glob("*/features.npy")} == before
+
+    loaded = load_run(run)
+    assert loaded.model.flip_tta
+    dataset = split_dataset(loaded, RunFolder(run).read_split(), "test", DistEnv()).datasets["test"]
+    loader = eval_loader(dataset, 16, DistEnv(), workers=0, pin_memory=False)
+    fresh = evaluate(loaded.model, loader, loaded.runtime, loaded.normalize, DistEnv())
+    metrics = fresh.metrics(len(loaded.class_names))
+    assert stored["top1"] == metrics["top1"] and stored["count"] == metrics["count"]
+    # The stores round each feature to float16 (relative 2^-11); a logit sums 128 such products, so the
+    # mean loss moves by a few 2^-11 relative at most (fp32 compute, no other difference).
+    assert stored["loss"] == pytest.approx(metrics["loss"], rel=16 * 2**-11, abs=1e-4)
+
+
+def test_head_phase_checkpoints_every_so_often_and_keeps_its_best_head(celeb, tmp_path, monkeypatch):
+    """Epochs of a head on stored features take milliseconds: checkpoints are not written after each, and
+    when the phase ends the head of its best epoch is what the run keeps (and what fine-tuning would start
+    from), not the last one."""
+    from facecls.core.checkpoint import load_checkpoint
+
+    top1 = iter([0.4, 0.9, 0.6, 0.7, 0.8, 0.5])  # best at epoch 2; three epochs without progress end it
+
+    def scripted(self, loop):
+        return {"count": 9, "top1": next(top1), "top5": 1.0, "loss": 1.0}
+
+    writes: list[str] = []
+    real_save = RunFolder.save_checkpoint
+
+    def counted(self, name, state):
+        writes.append(name)
+        return real_save(self, name, state)
+
+    monkeypatch.setattr(loop_module.StoredFeaturePhase, "validate", scripted)
+    monkeypatch.setattr(RunFolder, "save_checkpoint", counted)
+    run = tmp_path / "run"
+    train(_recipe("train.head_patience=3", "train.head_max_epochs=20", "optim.lr=0.05"), celeb, run, progress=False)
+    assert [r["epoch"] for r in _metrics(run)] == ["1", "2", "3", "4", "5"]
+    assert writes.count("last.ckpt") == 1 and writes.count("best.ckpt") == 1  # at the phase's end, not per epoch
+    best, last = load_checkpoint(run / "best.ckpt"), load_checkpoint(run / "last.ckpt")
+    assert best["epoch"] == 2 and last["epoch"] == 5
+    heads = [k for k in best["model"] if k.startswith("head.")]
+    assert heads and all(torch.equal(best["model"][k], last["model"][k]) for k in heads)

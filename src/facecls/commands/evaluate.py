@@ -14,6 +14,8 @@ from facecls.core.errors import FaceclsError
 from facecls.core.run_folder import RunFolder
 from facecls.data.pipeline import eval_loader
 from facecls.data.scan import escape_name
+from facecls.engine.builder import backbone_never_trains
+from facecls.engine.features import evaluate_stored
 from facecls.engine.inference import load_run, split_dataset
 from facecls.engine.steps import evaluate
 from facecls.runtime.distributed import DistEnv
@@ -45,8 +47,21 @@ def evaluate_run(
     data = split_dataset(loaded, rows, split, env)
     dataset = data.datasets[split]
     batch = batch_size or max(1, loaded.recipe.train.batch_size * 2 // env.world_size)
-    loader = eval_loader(dataset, batch, env, workers=loaded.runtime.workers, pin_memory=loaded.runtime.pin_memory)
-    preds = evaluate(loaded.model, loader, loaded.runtime, loaded.normalize, env)
+    if backbone_never_trains(loaded.recipe.train):
+        preds = evaluate_stored(
+            loaded.model,
+            dataset,
+            preprocess=loaded.preprocess,
+            runtime=loaded.runtime,
+            model_name=loaded.recipe.model.name,
+            env=env,
+            batch_size=batch,
+            seed=loaded.recipe.train.seed,
+            console=console,
+        )
+    else:
+        loader = eval_loader(dataset, batch, env, workers=loaded.runtime.workers, pin_memory=loaded.runtime.pin_memory)
+        preds = evaluate(loaded.model, loader, loaded.runtime, loaded.normalize, env)
     metrics = preds.metrics(len(loaded.class_names))
     result = {
         "split": split,

@@ -205,9 +205,13 @@ class RunFolder:
     def save_checkpoint(self, name: str, state: dict) -> None:
         save_checkpoint(state, self.checkpoint(name))
 
-    def append_metrics(self, row: dict) -> None:
-        """One epoch's row, and the curves redrawn."""
+    def append_metrics(self, row: dict, redraw: bool = True) -> None:
+        """One epoch's row, and (``redraw``) the curves redrawn."""
         runs.append_metrics(self.metrics, row)
+        if redraw:
+            self.plot_curves()
+
+    def plot_curves(self) -> None:
         runs.plot_curves(self.metrics, self.curves)
 
     def mark_completed(self) -> None:

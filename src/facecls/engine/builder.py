@@ -119,6 +119,12 @@ def uses_stored_features(train: TrainConfig) -> bool:
     return train.feature_views > 0 and (train.frozen_epochs > 0 or train.unfreeze == "none")
 
 
+def backbone_never_trains(train: TrainConfig) -> bool:
+    """The head trains on stored features and the backbone stays frozen throughout: the run's backbone is
+    the pretrained one, so evaluating it can read (and fill) the same feature stores."""
+    return uses_stored_features(train) and train.unfreeze == "none"
+
+
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     o = recipe.optim
     params = list(model.parameters())  # all of them: frozen ones simply get no gradient

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from facecls.core.console import Console
 from facecls.data.datasets import EpochSampler, FaceImages, sample_seed, shard
 from facecls.data.images import DecodedCache
 from facecls.engine.embeddings import Embedder, compute_embeddings
+from facecls.runtime.distributed import DistEnv, broadcast_object
 
 FORMAT = "facecls-features-v2"
 
@@ -117,6 +119,42 @@ def load_or_compute(
     return torch.from_numpy(out), False
 
 
+def shared_store(
+    embedder: Embedder,
+    dataset: FaceImages,
+    *,
+    views: int,
+    seed: int,
+    env: DistEnv,
+    batch_size: int,
+    console: Console | None = None,
+    description: str = "features",
+) -> tuple[torch.Tensor, str]:
+    """`load_or_compute` for a process group: rank 0 reads or computes the store, the others read what it
+    wrote. Returns the ``views x N x D`` features and how they were got (for a log line)."""
+    from facecls.core.download import cache_dir
+
+    folder, how = None, ""
+    if env.is_main:  # the other processes' backbones get rank 0's weights only when DDP wraps them
+        started = time.perf_counter()
+        features, reused = load_or_compute(
+            embedder,
+            dataset,
+            views=views,
+            seed=seed,
+            cache_root=cache_dir(),
+            batch_size=batch_size,
+            console=console,
+            description=description,
+        )
+        folder = store_folder(embedder, dataset, views, seed, cache_dir())
+        how = "reused from the cache" if reused else f"computed in {time.perf_counter() - started:.1f} s"
+    folder = broadcast_object(env, folder)
+    if not env.is_main:
+        features = read_store(folder)
+    return features, how
+
+
 def read_store(folder: Path) -> torch.Tensor:
     """The ``views x N x D`` float16 features kept in ``folder``."""
     return torch.from_numpy(np.load(Path(folder) / "features.npy"))
@@ -159,3 +197,38 @@ def feature_train_loader(dataset: StoredFeatures, batch_size: int, seed: int, ra
 
 def feature_eval_loader(dataset: StoredFeatures, batch_size: int, rank: int, world: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, sampler=shard(list(range(len(dataset))), rank, world))
+
+
+def evaluate_stored(
+    model: nn.Module,
+    dataset: FaceImages,
+    *,
+    preprocess,
+    runtime,
+    model_name: str,
+    env: DistEnv,
+    batch_size: int,
+    seed: int = 0,
+    console: Console | None = None,
+):
+    """`steps.evaluate` of ``model`` (frozen pretrained backbone, trained head) on ``dataset`` through the
+    feature stores: the backbone runs once per image and view, ever (with flip TTA, image and mirror
+    averaged as the model does). Returns its Predictions."""
+    from facecls.engine.embeddings import embedder_of
+    from facecls.engine.steps import evaluate
+
+    views = 2 if model.flip_tta else 1
+    features, _ = shared_store(
+        embedder_of(model, preprocess, runtime, model_name),
+        dataset,
+        views=views,
+        seed=seed,
+        env=env,
+        batch_size=batch_size,
+        console=console,
+        description="evaluation features",
+    )
+    if views == 2:
+        features = features.float().mean(0, keepdim=True).half()
+    loader = feature_eval_loader(StoredFeatures(features, dataset.labels), batch_size, env.rank, env.world_size)
+    return evaluate(model.head, loader, runtime, ToDevice(runtime.device), env)

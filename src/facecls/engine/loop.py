@@ -7,10 +7,12 @@ loop evaluates, updates its state and hands an :class:`EpochEnd` to the callback
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +28,7 @@ from facecls.core.errors import Stopped
 from facecls.core.run_folder import RunFolder
 from facecls.engine.builder import TrainingSetup, set_phase, uses_stored_features
 from facecls.engine.steps import RunningStats, StepContext, evaluate, train_one_epoch
-from facecls.runtime.distributed import barrier, broadcast_object
+from facecls.runtime.distributed import barrier
 
 
 @dataclass
@@ -87,6 +89,8 @@ class Phase:
     epoch's validation metrics (by default: the model on the validation loader)."""
 
     name: str
+    short_epochs: bool = False
+    """Epochs take a fraction of a second (checkpoints are written every so often, not every epoch)."""
 
     def done(self, loop: Loop) -> bool:
         raise NotImplementedError
@@ -358,6 +362,10 @@ class EpochPhase(Phase):
         return _epoch_of_batches(loop, model, s.train_loader, s.normalize, s.steps_per_epoch)
 
 
+LOSS_MIN_DELTA = 0.01
+"""The stored-feature phase counts a lower validation loss at equal top-1 as progress from 1% lower."""
+
+
 @dataclass
 class HeadProgress:
     """Where the stored-feature phase stands (kept in checkpoints, so a resumed run continues it)."""
@@ -369,10 +377,12 @@ class HeadProgress:
     done: bool = False
 
     def record(self, monitor: float, loss: float, train: TrainConfig) -> None:
-        """One more epoch; better means a higher top-1, or the same top-1 at a lower loss (a small
-        validation set reaches 100% long before the head has converged)."""
+        """One more epoch; progress means a higher top-1, or the same top-1 at a loss at least
+        ``LOSS_MIN_DELTA`` (relative) lower: a small validation set reaches 100% long before the head
+        has converged, and after that the loss keeps creeping down by fractions of a percent for dozens
+        of epochs as the plateau schedule shrinks the learning rate."""
         self.epochs += 1
-        if monitor > self.best or (monitor == self.best and loss < self.best_loss):
+        if monitor > self.best or (monitor == self.best and loss < self.best_loss * (1 - LOSS_MIN_DELTA)):
             self.best, self.best_loss, self.since_best = monitor, loss, 0
         else:
             self.since_best += 1
@@ -386,10 +396,14 @@ class StoredFeaturePhase(Phase):
     train.head_max_epochs. A head without gradient steps (nearest mean, kNN) is fitted in one epoch."""
 
     name = "features"
+    short_epochs = True
 
     def __init__(self, train: TrainConfig):
         self.train = train
         self.progress = HeadProgress()
+        self.best_head: dict | None = None
+        """The head's state at the phase's best epoch so far (``best_epoch``)."""
+        self.best_epoch = 0
         self.head: nn.Module | None = None
         self.loaders = None
         self.normalize: nn.Module | None = None
@@ -444,11 +458,22 @@ class StoredFeaturePhase(Phase):
     def record(self, loop: Loop, end: EpochEnd) -> None:
         self.progress.record(end.monitor, end.monitor_loss, self.train)
         self.progress.done |= self.head.fits_without_gradients  # a second fit changes nothing
+        if end.improved:
+            self.best_head = {k: v.detach().clone() for k, v in self.head.state_dict().items()}
+            self.best_epoch = loop.state.epoch
+        if self.progress.done and self.best_head is not None and self.best_epoch != loop.state.epoch:
+            # What follows (fine-tuning, the final model) starts from the best head, not the last one.
+            self.head.load_state_dict(self.best_head)
+            loop.console.log(
+                f"head phase over after {self.progress.epochs} epochs; its best is epoch {self.best_epoch}"
+            )
 
     def state_dict(self) -> dict:
-        return dataclasses.asdict(self.progress)
+        return {**dataclasses.asdict(self.progress), "best_head": self.best_head, "best_epoch": self.best_epoch}
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        self.best_head, self.best_epoch = state.pop("best_head", None), state.pop("best_epoch", 0)
         self.progress = HeadProgress(**state)
 
 
@@ -456,16 +481,8 @@ def stored_feature_loaders(loop: Loop):
     """Loaders of the stored features of the training images (``train.feature_views`` views) and of the
     validation images (the image, and its mirror with flip TTA, averaged as the model does), computed once
     by rank 0 and reused from the cache afterwards."""
-    from facecls.core.download import cache_dir
     from facecls.engine.embeddings import embedder_of
-    from facecls.engine.features import (
-        StoredFeatures,
-        feature_eval_loader,
-        feature_train_loader,
-        load_or_compute,
-        read_store,
-        store_folder,
-    )
+    from facecls.engine.features import StoredFeatures, feature_eval_loader, feature_train_loader, shared_store
 
     s, t, env = loop.setup, loop.setup.recipe.train, loop.setup.env
     embedder = embedder_of(loop.model, s.preprocess, s.runtime, s.recipe.model.name)
@@ -475,19 +492,10 @@ def stored_feature_loaders(loop: Loop):
         if split not in s.data.datasets:
             continue
         dataset = s.data.datasets[split]
-        kwargs = dict(views=views, seed=t.seed, cache_root=cache_dir(), batch_size=s.micro_batch * 2)
-        folder = None
-        if env.is_main:  # the other processes' backbones get rank 0's weights only when DDP wraps them
-            started = time.perf_counter()
-            features, reused = load_or_compute(embedder, dataset, console=loop.console, **kwargs)
-            folder = store_folder(embedder, dataset, views, t.seed, cache_dir())
-            loop.console.log(
-                f"{split} features: {len(dataset)} images x {views} view(s) "
-                + ("reused from the cache" if reused else f"computed in {time.perf_counter() - started:.1f} s")
-            )
-        folder = broadcast_object(env, folder)
-        if not env.is_main:
-            features = read_store(folder)
+        features, how = shared_store(
+            embedder, dataset, views=views, seed=t.seed, env=env, batch_size=s.micro_batch * 2, console=loop.console
+        )
+        loop.console.log(f"{split} features: {len(dataset)} images x {views} view(s) {how}")
         if split == "val" and flip_tta:  # what the model computes with flip TTA: the mean over both views
             features = features.float().mean(0, keepdim=True).half()
         stored[split] = StoredFeatures(features, dataset.labels)
@@ -516,7 +524,9 @@ def recipe_phases(setup: TrainingSetup) -> list[Phase]:
 def schedule_over(train: TrainConfig, checkpoint: dict) -> bool:
     """Whether the run that wrote ``checkpoint`` had trained every phase of its recipe."""
     if uses_stored_features(train):
-        head = HeadProgress(**checkpoint.get("phases", {}).get(StoredFeaturePhase.name, {}))
+        phase = StoredFeaturePhase(train)
+        phase.load_state_dict(checkpoint.get("phases", {}).get(StoredFeaturePhase.name, {}))
+        head = phase.progress
         finetune = 0 if train.unfreeze == "none" else train.epochs - train.frozen_epochs
         return head.done and int(checkpoint["epoch"]) >= head.epochs + finetune
     return int(checkpoint["epoch"]) >= train.epochs
@@ -535,10 +545,20 @@ class SchedulerStep(Callback):
 
 
 class MetricsLog(Callback):
-    """Per epoch: a row of metrics.csv, the curves redrawn (main process), and a log line."""
+    """Per epoch: a row of metrics.csv, the curves redrawn (main process), and a log line. The curves are
+    redrawn at most every ``redraw_s`` seconds and at the end: drawing them takes longer (about 0.5 s)
+    than a whole epoch of a head on stored features."""
 
-    def __init__(self, folder: RunFolder):
-        self.folder = folder
+    def __init__(self, folder: RunFolder, redraw_s: float = 20.0):
+        self.folder, self.redraw_s = folder, redraw_s
+        self.drawn_at = time.monotonic()
+        self.pending = False
+
+    def on_fit_end(self, loop: Loop) -> None:
+        # Not while an error is on its way out (a full disk): the resume redraws them.
+        if self.pending and loop.setup.env.is_main and sys.exc_info()[0] is None:
+            self.folder.plot_curves()
+        self.pending = False
 
     def on_epoch_end(self, loop: Loop, end: EpochEnd) -> None:
         val = end.val
@@ -555,7 +575,12 @@ class MetricsLog(Callback):
             "train_img_per_s": round(end.train.count / max(end.seconds, 1e-9), 2),
         }
         if loop.setup.env.is_main:
-            self.folder.append_metrics(row)
+            now = time.monotonic()
+            redraw = now - self.drawn_at >= self.redraw_s
+            self.folder.append_metrics(row, redraw=redraw)
+            self.pending = not redraw
+            if redraw:
+                self.drawn_at = now
         loop.console.log(
             f"epoch {loop.state.epoch}/{loop.planned_epochs()} ({end.phase})  "
             f"train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}%"
@@ -567,14 +592,28 @@ class MetricsLog(Callback):
 
 class Checkpoints(Callback):
     """last.ckpt after every epoch and every ``every`` steps (0: never mid-epoch), best.ckpt when the
-    monitored accuracy improved; on a stop request, last.ckpt right at the step where training stops."""
+    monitored accuracy improved; on a stop request, last.ckpt right at the step where training stops.
 
-    def __init__(self, folder: RunFolder, every: int = 0):
-        self.folder, self.every = folder, every
+    In a phase of short epochs (``Phase.short_epochs``: a head on stored features, an epoch in
+    milliseconds) writing the whole model twice an epoch would take most of the time, so there the
+    epoch-end checkpoints are kept in memory and written at most every ``interval_s`` seconds, when the
+    phase ends, on a stop request, and when training ends (also with an error: they are whole epochs).
+    A crash loses at most ``interval_s`` seconds of such epochs; the resume drops their metrics rows."""
+
+    def __init__(self, folder: RunFolder, every: int = 0, interval_s: float = 30.0):
+        self.folder, self.every, self.interval_s = folder, every, interval_s
+        self.pending: dict[str, dict] = {}
+        self.pending_since = 0.0
 
     def save(self, loop: Loop, name: str, running: RunningStats | None = None) -> None:
         if loop.setup.env.is_main:
             self.folder.save_checkpoint(name, loop.state_dict(running))
+
+    def flush(self, loop: Loop) -> None:
+        pending, self.pending = self.pending, {}  # a failed write is not tried again at the fit's end
+        if loop.setup.env.is_main:
+            for name, state in pending.items():
+                self.folder.save_checkpoint(name, state)
 
     def on_step_end(self, loop: Loop, step: int, steps: int, running: RunningStats) -> None:
         if step >= steps:  # the epoch's last step: its end saves
@@ -583,10 +622,28 @@ class Checkpoints(Callback):
             self.save(loop, "last.ckpt", running.reduced(loop.setup.env))
 
     def on_epoch_end(self, loop: Loop, end: EpochEnd) -> None:
+        phase = loop.phase
+        if phase is None or not phase.short_epochs:
+            if end.improved:
+                self.save(loop, "best.ckpt")
+            self.save(loop, "last.ckpt")
+            barrier(loop.setup.env)
+            return
+        if not self.pending:
+            self.pending_since = time.monotonic()
+        # A copy: the state dict's tensors are the live parameters, which the next epoch changes.
+        state = copy.deepcopy(loop.state_dict()) if loop.setup.env.is_main else {}
         if end.improved:
-            self.save(loop, "best.ckpt")
-        self.save(loop, "last.ckpt")
+            self.pending["best.ckpt"] = state
+        self.pending["last.ckpt"] = state
+        due = time.monotonic() - self.pending_since >= self.interval_s
+        if due or phase.done(loop) or loop.state.stop_requested:
+            self.flush(loop)
         barrier(loop.setup.env)
+
+    def on_fit_end(self, loop: Loop) -> None:
+        if self.pending:
+            self.flush(loop)
 
 
 class StopOnSignal(Callback):
