@@ -18,6 +18,14 @@ By default every model runs at 224, 160 and 112 px, and ``sface`` (fine-tuned wh
 
 ``--no-jemalloc`` runs the facecls side without its allocator settings (FACECLS_JEMALLOC=0);
 ``--no-naive-alloc`` leaves out the third side.
+
+A fourth side, timm's ``train.py`` (timm_side.py), trains the same images, model and batch in timm's own
+environment after the other sides of each configuration, with and without ``--torchcompile``:
+
+    python benchmarks/throughput.py --timm-train ../timm/train.py --timm-python ../timmenv/bin/python
+
+Without ``--timm-train`` it runs when ``../timm/train.py`` exists beside the checkout; its column says
+"not run" otherwise, and "n/a" for the models timm does not have (InceptionResNetV1, SFace).
 """
 
 from __future__ import annotations
@@ -52,8 +60,10 @@ from facecls.runtime.speed import CompiledInference, resolve_runtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sides import FACECLS, NAIVE, NAIVE_ALLOC, SideProcess, interleaved, serve, side_environment  # noqa: E402
+from timm_side import VARIANTS, find_timm, run_timm, timm_version  # noqa: E402
 
-CELEB24 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "celeb24"
+CHECKOUT = Path(__file__).resolve().parents[1]
+CELEB24 = CHECKOUT.parent / "shared" / "data" / "celeb24"
 MODELS = ("resnet50", "mobilenet_v2", "inception_resnet_v1", "sface")
 SIZES = (224, 160, 112)
 # SFace's embedding layer is a Linear over its 7 x 7 x 1024 feature map: it takes 112 px faces only.
@@ -503,6 +513,8 @@ def run(args) -> dict:
         "configs": [],
     }
     print(f"torch {torch.__version__}; {DEFAULT_THREADS} threads; {results['machine']}", flush=True)
+    timm, results["timm"] = timm_setup(args)
+    print(f"timm: {timm_text(results['timm'])}", flush=True)
     peaks = measure_peaks()
     print(f"peaks: {peak_text(peaks)}", flush=True)
     for name, size in args.configs:
@@ -524,6 +536,15 @@ def run(args) -> dict:
             for side in sides.values():
                 side.close()
         config.update(meta)
+        if timm is None:
+            config["timm"] = {"status": "not run"}
+        else:
+            optimizer = load_recipe(name).optim.name
+            classes = sum(1 for d in (data / "train").iterdir() if d.is_dir())
+            config["timm"] = run_timm(
+                timm, name, data, size, args.batch_size, classes, args.rounds, optimizer, work / "timm"
+            )
+            print(f"   timm     {timm_row_text(config['timm'], config['train'][FACECLS])}", flush=True)
         print(
             f"   predict setup  compiled: {meta['predict_compiled']}; first pass (with compilation) "
             f"{meta['predict_first_pass_s']:.1f} s",
@@ -541,6 +562,69 @@ def run(args) -> dict:
         results[f"{kind}_peak_gflops"] = {p: max(peaks[kind][p], end_peaks[kind][p]) for p in ("fp32", "bf16")}
         results[f"{kind}_peak_gflops_start_end"] = {p: [peaks[kind][p], end_peaks[kind][p]] for p in ("fp32", "bf16")}
     return results
+
+
+def timm_setup(args) -> tuple:
+    """The timm side (None when it does not run) and what the results record about it."""
+    if args.no_timm:
+        return None, {"status": "not run (--no-timm)"}
+    side, why = find_timm(
+        args.timm_train,
+        args.timm_python,
+        CHECKOUT.parent,
+        workers=args.timm_workers,
+        compile=args.timm_compile,
+        jemalloc=args.timm_jemalloc,
+        extra=tuple(args.timm_arg),
+    )
+    if side is None:
+        return None, {"status": why}
+    try:
+        version = timm_version(side)
+    except RuntimeError as exc:
+        return None, {"status": f"not run ({exc})"}
+    environment = side.environment()
+    return side, {
+        "status": "ok",
+        "train_py": str(side.train_py),
+        "python": side.python,
+        **version,
+        "workers": side.workers,
+        "variants": list(VARIANTS[side.compile]),
+        "extra": list(side.extra),
+        "environment": {k.lower(): environment.get(k, "") for k in ("LD_PRELOAD", "MALLOC_CONF", "OMP_WAIT_POLICY")},
+    }
+
+
+def timm_text(timm: dict) -> str:
+    if timm.get("status") != "ok":
+        return timm.get("status", "not run")
+    variants = " and ".join(f"{v} ({'--torchcompile' if v == 'compiled' else 'no compile'})" for v in timm["variants"])
+    return (
+        f"train.py of timm {timm['timm']} (commit {timm['commit']}), torch {timm['torch']}; "
+        f"{' '.join(['--amp --amp-dtype bfloat16 --channels-last --workers', str(timm['workers']), *timm['extra']])}; "
+        f"{variants}, the faster counts; allocator: {timm['environment']['ld_preload'] or 'system'}"
+    )
+
+
+def timm_row_text(row: dict, facecls_img_s: float) -> str:
+    if row.get("status") != "ok":
+        errors = [f"{v}: {e['error']}" for v, e in row.get("variants", {}).items() if "error" in e]
+        return "; ".join([row.get("status", "not run"), *filter(None, [row.get("why")]), *errors])
+    per = "  ".join(
+        f"{v} {e['img_s']:.1f}" if "img_s" in e else f"{v} failed: {e['error']}" for v, e in row["variants"].items()
+    )
+    return f"{per} img/s; facecls / timm x{facecls_img_s / row['img_s']:.2f}"
+
+
+def timm_cells(config: dict) -> str:
+    """The table's timm cells: img/s (variant) and facecls / timm."""
+    row = config.get("timm")
+    if row is None:
+        return "- | -"
+    if row.get("status") != "ok":
+        return f"{row.get('status', 'not run').split(' (')[0]} | -"
+    return f"{row['img_s']:.1f} ({row['variant']}) | {config['train'][FACECLS] / row['img_s']:.2f}"
 
 
 def measure_peaks() -> dict:
@@ -577,11 +661,12 @@ def table(results: dict) -> str:
         f"batch {results['batch_size']}; {results['images']}; {results['rounds']} timed round(s) after a warm-up "
         f"block; peaks: {peak_text(shown)}; percentages of the {kind} peak",
         "",
-        "| model | px | train naive | train facecls | x | predict naive | predict facecls | x "
+        "| model | px | train naive | train facecls | x | train timm | facecls / timm "
+        "| predict naive | predict facecls | x "
         "| data naive | data facecls | data / fastest model | train GFLOP/s naive (% fp32 peak) "
         "| train GFLOP/s facecls (% bf16 peak) | predict GFLOP/s naive (% fp32 peak) "
         "| predict GFLOP/s facecls (% bf16 peak) | peak RSS MiB naive / facecls (+worker) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_size: dict[int, float] = {}
     for c in results["configs"]:
@@ -595,7 +680,7 @@ def table(results: dict) -> str:
         if mem and "error" not in mem[NAIVE] and "error" not in mem[FACECLS]:
             mem_text = f"{mem[NAIVE]['main_mb']:.0f} / {mem[FACECLS]['main_mb']:.0f} (+{mem[FACECLS]['worker_mb']:.0f})"
         lines.append(
-            f"| {c['model']} | {c['size']} | {tr[NAIVE]:.1f} | {tr[FACECLS]:.1f} | {tr['ratio']:.2f} "
+            f"| {c['model']} | {c['size']} | {tr[NAIVE]:.1f} | {tr[FACECLS]:.1f} | {tr['ratio']:.2f} | {timm_cells(c)} "
             f"| {pr[NAIVE]:.1f} | {pr[FACECLS]:.1f} | {pr['ratio']:.2f} "
             f"| {da[NAIVE]:.0f} | {da[FACECLS]:.0f} | {da[FACECLS] / by_size[c['size']]:.1f} "
             f"| {gflops[NAIVE]:.0f} ({100 * gflops[NAIVE] / peaks['fp32']:.0f}%) "
@@ -603,6 +688,8 @@ def table(results: dict) -> str:
             f"| {pf[NAIVE]:.0f} ({100 * pf[NAIVE] / peaks['fp32']:.0f}%) "
             f"| {pf[FACECLS]:.0f} ({100 * pf[FACECLS] / peaks['bf16']:.0f}%) | {mem_text} |"
         )
+    if "timm" in results:
+        lines += ["", f"timm side: {timm_text(results['timm'])}"]
     if NAIVE_ALLOC in results.get("sides", []):
         lines += [
             "",
@@ -705,6 +792,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also time the naive loop under facecls's allocator settings (default: on)",
+    )
+    p.add_argument(
+        "--timm-train",
+        type=Path,
+        metavar="PATH",
+        help="timm's train.py (a pytorch-image-models checkout) for the timm side (default: ../timm/train.py "
+        "beside the checkout, if there)",
+    )
+    p.add_argument(
+        "--timm-python",
+        metavar="PATH",
+        help="the Python of timm's environment (default: ../timmenv/bin/python if there, else this one)",
+    )
+    p.add_argument("--no-timm", action="store_true", help="leave the timm side out")
+    p.add_argument(
+        "--timm-compile",
+        choices=sorted(VARIANTS),
+        default="both",
+        help="run timm with --torchcompile: off, on, or both and take the faster (default: both)",
+    )
+    p.add_argument("--timm-workers", type=int, default=1, help="timm's --workers (default 1, as facecls on CPU)")
+    p.add_argument(
+        "--timm-jemalloc",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run timm under the allocator settings the facecls side gets (default: on)",
+    )
+    p.add_argument(
+        "--timm-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more train.py argument (repeat), e.g. --timm-arg=--opt-kwargs --timm-arg=fused=True",
     )
     p.add_argument("--workdir", type=Path, help="keep the JPEGs and the decoded cache here (default: a temp dir)")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
