@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -323,7 +324,10 @@ class Facecls:
     def _threads(self) -> None:
         torch.set_num_threads(self.runtime.threads)
 
-    def train_epoch(self, max_steps: int | None = None) -> int:
+    def train_epoch(
+        self, max_steps: int | None = None, after_step: Callable[[int, RunningStats], None] | None = None
+    ) -> int:
+        """One epoch (at most ``max_steps`` steps); ``after_step`` is called after each (the profiler's tick)."""
         self._threads()
         ctx = StepContext(
             self.optimizer,
@@ -333,6 +337,8 @@ class Facecls:
             self.setup.scaler,
             max_steps=max_steps,
         )
+        if after_step is not None:
+            ctx.after_step = after_step
         self.loader.sampler.set_epoch(self.epoch)
         self.epoch += 1
         stats = train_one_epoch(self.step_model, self.loader, ctx, RunningStats())
