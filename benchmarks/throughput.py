@@ -11,10 +11,21 @@ inside its own block: the facecls workers never work ahead while another side is
 measured in a fresh subprocess per configuration and side.
 
     python benchmarks/throughput.py --quick
-    python benchmarks/throughput.py --models resnet50 --sizes 224 --rounds 3
+    python benchmarks/throughput.py --configs resnet50@224 inception_resnet_v1@160 sface@112 --rounds 3
+    python benchmarks/throughput.py --models resnet50 mobilenet_v2 --sizes 224 112
+
+By default every model runs at 224, 160 and 112 px, and ``sface`` (fine-tuned whole) at its 112 px.
 
 ``--no-jemalloc`` runs the facecls side without its allocator settings (FACECLS_JEMALLOC=0);
 ``--no-naive-alloc`` leaves out the third side.
+
+A fourth side, timm's ``train.py`` (timm_side.py), trains the same images, model and batch in timm's own
+environment after the other sides of each configuration, with and without ``--torchcompile``:
+
+    python benchmarks/throughput.py --timm-train ../timm/train.py --timm-python ../timmenv/bin/python
+
+Without ``--timm-train`` it runs when ``../timm/train.py`` exists beside the checkout; its column says
+"not run" otherwise, and "n/a" for the models timm does not have (InceptionResNetV1, SFace).
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,9 +61,17 @@ from facecls.runtime.speed import CompiledInference, resolve_runtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sides import FACECLS, NAIVE, NAIVE_ALLOC, SideProcess, interleaved, serve, side_environment  # noqa: E402
+from timm_side import VARIANTS, find_timm, run_timm, timm_version  # noqa: E402
 
-CELEB24 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "celeb24"
-MODELS = ("resnet50", "mobilenet_v2", "inception_resnet_v1")
+CHECKOUT = Path(__file__).resolve().parents[1]
+CELEB24 = CHECKOUT.parent / "shared" / "data" / "celeb24"
+MODELS = ("resnet50", "mobilenet_v2", "inception_resnet_v1", "sface")
+SIZES = (224, 160, 112)
+# SFace's embedding layer is a Linear over its 7 x 7 x 1024 feature map: it takes 112 px faces only.
+FIXED_SIZE = {"sface": 112}
+# The resolutions that matter: the torchvision recipes' 224 px, InceptionResNetV1's native 160 px, and
+# 112 px, the aligned face crops' size (SFace's only one).
+DEFAULT_CONFIGS = tuple((name, size) for size in SIZES for name in MODELS if FIXED_SIZE.get(name, size) == size)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEFAULT_THREADS = torch.get_num_threads()
 PREDICT_BATCH = 128  # `facecls predict --batch-size` default
@@ -143,6 +163,11 @@ def naive_model(name: str, classes: int) -> nn.Module:
     elif name == "mobilenet_v2":
         model = tvm.mobilenet_v2(weights=None)
         model.classifier = seed_head(1280, classes)
+    elif name == "sface":
+        from facecls.models.sface import FEATURE_DIM, SFace
+
+        # Fine-tuning the whole of SFace with the linear head the sface recipe puts on it (dropout 0.2).
+        model = nn.Sequential(SFace(), nn.Dropout(0.2), nn.Linear(FEATURE_DIM, classes))
     else:
         from facecls.models.inception_resnet_v1 import InceptionResnetV1
 
@@ -229,8 +254,24 @@ class Naive:
 
 
 # ---- facecls's own path ------------------------------------------------------------------------
+def recipe_resize(name: str, size: int) -> int:
+    """The recipe's resize for ``size``: its own resize-to-crop ratio (256/224 for the torchvision recipes,
+    1 for sface's aligned crops) applied to ``size``."""
+    from facecls.models.registry import get_entry
+
+    recipe = load_recipe(name)
+    native = recipe.data.input_size or get_entry(name).default_input_size
+    return round(size * (recipe.data.resize or round(native * 256 / 224)) / native)
+
+
 class Facecls:
-    """The recipe's defaults (speed.* untouched unless ``overrides`` say so), fine-tune phase, all trainable."""
+    """The recipe's defaults (speed.* untouched unless ``overrides`` say so), fine-tune phase, all trainable.
+
+    The recipe is turned into a plain fine-tuning run (train.frozen_epochs=0, train.unfreeze=all): for
+    sface that also leaves out its head phase on stored features, so what is timed is the unfrozen
+    training step over images that `facecls train` runs with these overrides. Prediction takes one view
+    per image on both sides (model.flip_tta=false: sface's default averages each face with its mirror,
+    which would double facecls's work)."""
 
     def __init__(
         self,
@@ -243,15 +284,16 @@ class Facecls:
         predict_images: int = 0,
         data_images: int = 0,
     ):
-        resize = round(size * 256 / 224)
         recipe = load_recipe(
             name,
             [
                 "model.weights=none",
+                "model.flip_tta=false",
                 f"data.input_size={size}",
-                f"data.resize={resize}",
+                f"data.resize={recipe_resize(name, size)}",
                 "data.split=[1.0, 0.0, 0.0]",
                 f"train.batch_size={batch_size}",
+                "train.frozen_epochs=0",
                 "train.unfreeze=all",
                 *overrides,
             ],
@@ -282,7 +324,10 @@ class Facecls:
     def _threads(self) -> None:
         torch.set_num_threads(self.runtime.threads)
 
-    def train_epoch(self, max_steps: int | None = None) -> int:
+    def train_epoch(
+        self, max_steps: int | None = None, after_step: Callable[[int, RunningStats], None] | None = None
+    ) -> int:
+        """One epoch (at most ``max_steps`` steps); ``after_step`` is called after each (the profiler's tick)."""
         self._threads()
         ctx = StepContext(
             self.optimizer,
@@ -292,6 +337,8 @@ class Facecls:
             self.setup.scaler,
             max_steps=max_steps,
         )
+        if after_step is not None:
+            ctx.after_step = after_step
         self.loader.sampler.set_epoch(self.epoch)
         self.epoch += 1
         stats = train_one_epoch(self.step_model, self.loader, ctx, RunningStats())
@@ -385,7 +432,7 @@ def predict_flops_per_image(name: str, size: int) -> float:
 
 def side_main(args) -> None:
     """A side process: build the runner for one configuration, then serve blocks (bench_sides.serve)."""
-    name, size = args.models[0], args.sizes[0]
+    ((name, size),) = args.configs
     if args.side == FACECLS:
         runner = Facecls(
             name, args.data, size, args.batch_size, args.cache, args.set, args.predict_images, args.data_images
@@ -397,10 +444,11 @@ def side_main(args) -> None:
 
 def memory_child(args) -> None:
     """Subprocess: a few training steps of one side, then print the peak RSS as JSON."""
+    ((name, size),) = args.configs
     if args.memory_child == FACECLS:
-        runner = Facecls(args.models[0], args.data, args.sizes[0], args.batch_size, args.cache, args.set)
+        runner = Facecls(name, args.data, size, args.batch_size, args.cache, args.set)
     else:
-        runner = Naive(args.models[0], args.data, args.sizes[0], args.batch_size)
+        runner = Naive(name, args.data, size, args.batch_size)
     runner.train_epoch(max_steps=args.memory_steps)
     # DataLoader workers are alive (persistent) at this point: read their high-water marks too.
     iterator = getattr(runner.loader, "_iterator", None)
@@ -412,10 +460,8 @@ def side_command(args, name: str, size: int, data: Path) -> list[str]:
     return [
         sys.executable,
         __file__,
-        "--models",
-        name,
-        "--sizes",
-        str(size),
+        "--configs",
+        f"{name}@{size}",
         "--data",
         str(data),
         "--cache",
@@ -473,45 +519,118 @@ def run(args) -> dict:
         "configs": [],
     }
     print(f"torch {torch.__version__}; {DEFAULT_THREADS} threads; {results['machine']}", flush=True)
+    timm, results["timm"] = timm_setup(args)
+    print(f"timm: {timm_text(results['timm'])}", flush=True)
     peaks = measure_peaks()
     print(f"peaks: {peak_text(peaks)}", flush=True)
-    for size in args.sizes:
+    for name, size in args.configs:
         data = make_jpeg_data(args.faces, work, size, args.identities, args.per_identity)
-        for name in args.models:
-            print(f"== {name} @ {size}px", flush=True)
-            command = side_command(args, name, size, data)
-            sides = {kind: SideProcess(kind, command, not args.no_jemalloc) for kind in kinds}
-            try:
-                if "environment" not in results:
-                    results["environment"] = {kind: side.meta["environment"] for kind, side in sides.items()}
-                    for kind, environment in results["environment"].items():
-                        print(f"   {kind:12s} {environment}", flush=True)
-                config = {"model": name, "size": size}
-                for block in ("data", "train", "predict"):
-                    config[block] = interleaved(sides, block, args.rounds)
-                    print(f"   {block:8s} {fmt(config[block])}", flush=True)
-                meta = sides[FACECLS].call("meta")
-            finally:
-                for side in sides.values():
-                    side.close()
-            config.update(meta)
-            print(
-                f"   predict setup  compiled: {meta['predict_compiled']}; first pass (with compilation) "
-                f"{meta['predict_first_pass_s']:.1f} s",
-                flush=True,
+        print(f"== {name} @ {size}px", flush=True)
+        command = side_command(args, name, size, data)
+        sides = {kind: SideProcess(kind, command, not args.no_jemalloc) for kind in kinds}
+        try:
+            if "environment" not in results:
+                results["environment"] = {kind: side.meta["environment"] for kind, side in sides.items()}
+                for kind, environment in results["environment"].items():
+                    print(f"   {kind:12s} {environment}", flush=True)
+            config = {"model": name, "size": size}
+            for block in ("data", "train", "predict"):
+                config[block] = interleaved(sides, block, args.rounds)
+                print(f"   {block:8s} {fmt(config[block])}", flush=True)
+            meta = sides[FACECLS].call("meta")
+        finally:
+            for side in sides.values():
+                side.close()
+        config.update(meta)
+        if timm is None:
+            config["timm"] = {"status": "not run"}
+        else:
+            optimizer = load_recipe(name).optim.name
+            classes = sum(1 for d in (data / "train").iterdir() if d.is_dir())
+            config["timm"] = run_timm(
+                timm, name, data, size, args.batch_size, classes, args.rounds, optimizer, work / "timm"
             )
-            config["train_gflop_per_image"] = train_flops_per_image(name, size) / 1e9
-            config["predict_gflop_per_image"] = predict_flops_per_image(name, size) / 1e9
-            if args.memory:
-                config["memory"] = {side: measure_memory(args, name, size, side, data) for side in (NAIVE, FACECLS)}
-                print(f"   peak RSS MiB   {config['memory']}", flush=True)
-            results["configs"].append(config)
+            print(f"   timm     {timm_row_text(config['timm'], config['train'][FACECLS])}", flush=True)
+        print(
+            f"   predict setup  compiled: {meta['predict_compiled']}; first pass (with compilation) "
+            f"{meta['predict_first_pass_s']:.1f} s",
+            flush=True,
+        )
+        config["train_gflop_per_image"] = train_flops_per_image(name, size) / 1e9
+        config["predict_gflop_per_image"] = predict_flops_per_image(name, size) / 1e9
+        if args.memory:
+            config["memory"] = {side: measure_memory(args, name, size, side, data) for side in (NAIVE, FACECLS)}
+            print(f"   peak RSS MiB   {config['memory']}", flush=True)
+        results["configs"].append(config)
     end_peaks = measure_peaks()
     # The higher of the two measurements is the better estimate of what the cores can do.
     for kind in ("matmul", "conv"):
         results[f"{kind}_peak_gflops"] = {p: max(peaks[kind][p], end_peaks[kind][p]) for p in ("fp32", "bf16")}
         results[f"{kind}_peak_gflops_start_end"] = {p: [peaks[kind][p], end_peaks[kind][p]] for p in ("fp32", "bf16")}
     return results
+
+
+def timm_setup(args) -> tuple:
+    """The timm side (None when it does not run) and what the results record about it."""
+    if args.no_timm:
+        return None, {"status": "not run (--no-timm)"}
+    side, why = find_timm(
+        args.timm_train,
+        args.timm_python,
+        CHECKOUT.parent,
+        workers=args.timm_workers,
+        compile=args.timm_compile,
+        jemalloc=args.timm_jemalloc,
+        extra=tuple(args.timm_arg),
+    )
+    if side is None:
+        return None, {"status": why}
+    try:
+        version = timm_version(side)
+    except RuntimeError as exc:
+        return None, {"status": f"not run ({exc})"}
+    environment = side.environment()
+    return side, {
+        "status": "ok",
+        "train_py": str(side.train_py),
+        "python": side.python,
+        **version,
+        "workers": side.workers,
+        "variants": list(VARIANTS[side.compile]),
+        "extra": list(side.extra),
+        "environment": {k.lower(): environment.get(k, "") for k in ("LD_PRELOAD", "MALLOC_CONF", "OMP_WAIT_POLICY")},
+    }
+
+
+def timm_text(timm: dict) -> str:
+    if timm.get("status") != "ok":
+        return timm.get("status", "not run")
+    variants = " and ".join(f"{v} ({'--torchcompile' if v == 'compiled' else 'no compile'})" for v in timm["variants"])
+    return (
+        f"train.py of timm {timm['timm']} (commit {timm['commit']}), torch {timm['torch']}; "
+        f"{' '.join(['--amp --amp-dtype bfloat16 --channels-last --workers', str(timm['workers']), *timm['extra']])}; "
+        f"{variants}, the faster counts; allocator: {timm['environment']['ld_preload'] or 'system'}"
+    )
+
+
+def timm_row_text(row: dict, facecls_img_s: float) -> str:
+    if row.get("status") != "ok":
+        errors = [f"{v}: {e['error']}" for v, e in row.get("variants", {}).items() if "error" in e]
+        return "; ".join([row.get("status", "not run"), *filter(None, [row.get("why")]), *errors])
+    per = "  ".join(
+        f"{v} {e['img_s']:.1f}" if "img_s" in e else f"{v} failed: {e['error']}" for v, e in row["variants"].items()
+    )
+    return f"{per} img/s; facecls / timm x{facecls_img_s / row['img_s']:.2f}"
+
+
+def timm_cells(config: dict) -> str:
+    """The table's timm cells: img/s (variant) and facecls / timm."""
+    row = config.get("timm")
+    if row is None:
+        return "- | -"
+    if row.get("status") != "ok":
+        return f"{row.get('status', 'not run').split(' (')[0]} | -"
+    return f"{row['img_s']:.1f} ({row['variant']}) | {config['train'][FACECLS] / row['img_s']:.2f}"
 
 
 def measure_peaks() -> dict:
@@ -548,11 +667,12 @@ def table(results: dict) -> str:
         f"batch {results['batch_size']}; {results['images']}; {results['rounds']} timed round(s) after a warm-up "
         f"block; peaks: {peak_text(shown)}; percentages of the {kind} peak",
         "",
-        "| model | px | train naive | train facecls | x | predict naive | predict facecls | x "
+        "| model | px | train naive | train facecls | x | train timm | facecls / timm "
+        "| predict naive | predict facecls | x "
         "| data naive | data facecls | data / fastest model | train GFLOP/s naive (% fp32 peak) "
         "| train GFLOP/s facecls (% bf16 peak) | predict GFLOP/s naive (% fp32 peak) "
         "| predict GFLOP/s facecls (% bf16 peak) | peak RSS MiB naive / facecls (+worker) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_size: dict[int, float] = {}
     for c in results["configs"]:
@@ -566,7 +686,7 @@ def table(results: dict) -> str:
         if mem and "error" not in mem[NAIVE] and "error" not in mem[FACECLS]:
             mem_text = f"{mem[NAIVE]['main_mb']:.0f} / {mem[FACECLS]['main_mb']:.0f} (+{mem[FACECLS]['worker_mb']:.0f})"
         lines.append(
-            f"| {c['model']} | {c['size']} | {tr[NAIVE]:.1f} | {tr[FACECLS]:.1f} | {tr['ratio']:.2f} "
+            f"| {c['model']} | {c['size']} | {tr[NAIVE]:.1f} | {tr[FACECLS]:.1f} | {tr['ratio']:.2f} | {timm_cells(c)} "
             f"| {pr[NAIVE]:.1f} | {pr[FACECLS]:.1f} | {pr['ratio']:.2f} "
             f"| {da[NAIVE]:.0f} | {da[FACECLS]:.0f} | {da[FACECLS] / by_size[c['size']]:.1f} "
             f"| {gflops[NAIVE]:.0f} ({100 * gflops[NAIVE] / peaks['fp32']:.0f}%) "
@@ -574,6 +694,8 @@ def table(results: dict) -> str:
             f"| {pf[NAIVE]:.0f} ({100 * pf[NAIVE] / peaks['fp32']:.0f}%) "
             f"| {pf[FACECLS]:.0f} ({100 * pf[FACECLS] / peaks['bf16']:.0f}%) | {mem_text} |"
         )
+    if "timm" in results:
+        lines += ["", f"timm side: {timm_text(results['timm'])}"]
     if NAIVE_ALLOC in results.get("sides", []):
         lines += [
             "",
@@ -594,6 +716,40 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_config(text: str) -> tuple[str, int]:
+    """``MODEL@PX`` -> (model, px); ValueError naming what is wrong."""
+    name, _, size = text.partition("@")
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r} in {text!r}; choose one of: {', '.join(MODELS)}")
+    if not size.isdigit() or int(size) < 32:
+        raise ValueError(f"{text!r}: write MODEL@PX with PX a resolution of at least 32, e.g. {name}@224")
+    if FIXED_SIZE.get(name, int(size)) != int(size):
+        raise ValueError(f"{text!r}: {name} runs at {FIXED_SIZE[name]} px only")
+    return name, int(size)
+
+
+def resolve_configs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[tuple[str, int]]:
+    """--configs as given; else the grid of --models x --sizes (leaving out, and naming, the pairs a model
+    of fixed resolution cannot run); else the default set."""
+    if args.configs:
+        if args.models or args.sizes:
+            parser.error("--configs replaces --models/--sizes: give one or the other")
+        try:
+            return [parse_config(text) for text in args.configs]
+        except ValueError as exc:
+            parser.error(str(exc))
+    if not (args.models or args.sizes):
+        return list(DEFAULT_CONFIGS)
+    grid = [(name, size) for size in args.sizes or SIZES for name in args.models or MODELS]
+    left_out = [f"{n}@{s}" for n, s in grid if FIXED_SIZE.get(n, s) != s]
+    if left_out:
+        print(f"left out {len(left_out)} pair(s) of fixed-resolution models: {' '.join(left_out)}", file=sys.stderr)
+    configs = [(n, s) for n, s in grid if FIXED_SIZE.get(n, s) == s]
+    if not configs:
+        parser.error("no model runs at the sizes given (sface: 112 px only)")
+    return configs
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -607,8 +763,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=CELEB24,
         help="real faces as DIR/<identity>/<image> (default: ../shared/data/celeb24 beside the checkout)",
     )
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    p.add_argument("--sizes", nargs="+", type=int, default=[224, 112])
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        metavar="MODEL@PX",
+        help="model and resolution pairs, e.g. resnet50@224 sface@112 inception_resnet_v1@160 (default: "
+        + " ".join(f"{n}@{s}" for n, s in DEFAULT_CONFIGS)
+        + ")",
+    )
+    p.add_argument("--models", nargs="+", choices=MODELS, help="with --sizes: every model at every size")
+    p.add_argument("--sizes", nargs="+", type=int, help=f"with --models (default sizes: {' '.join(map(str, SIZES))})")
     p.add_argument("--batch-size", type=int, help="training batch (default: the recipes' 64, --quick 32)")
     p.add_argument("--identities", type=int, default=24)
     p.add_argument("--per-identity", type=int, help="images per identity (default 20, --quick 4)")
@@ -635,6 +799,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="also time the naive loop under facecls's allocator settings (default: on)",
     )
+    p.add_argument(
+        "--timm-train",
+        type=Path,
+        metavar="PATH",
+        help="timm's train.py (a pytorch-image-models checkout) for the timm side (default: ../timm/train.py "
+        "beside the checkout, if there)",
+    )
+    p.add_argument(
+        "--timm-python",
+        metavar="PATH",
+        help="the Python of timm's environment (default: ../timmenv/bin/python if there, else this one)",
+    )
+    p.add_argument("--no-timm", action="store_true", help="leave the timm side out")
+    p.add_argument(
+        "--timm-compile",
+        choices=sorted(VARIANTS),
+        default="both",
+        help="run timm with --torchcompile: off, on, or both and take the faster (default: both)",
+    )
+    p.add_argument("--timm-workers", type=int, default=1, help="timm's --workers (default 1, as facecls on CPU)")
+    p.add_argument(
+        "--timm-jemalloc",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run timm under the allocator settings the facecls side gets (default: on)",
+    )
+    p.add_argument(
+        "--timm-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more train.py argument (repeat), e.g. --timm-arg=--opt-kwargs --timm-arg=fused=True",
+    )
     p.add_argument("--workdir", type=Path, help="keep the JPEGs and the decoded cache here (default: a temp dir)")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     p.add_argument("--report", type=Path, metavar="JSON", help="print the table of an earlier run's JSON and exit")
@@ -643,6 +840,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.configs = resolve_configs(p, args)
     args.batch_size = args.batch_size or (32 if args.quick else 64)
     args.per_identity = args.per_identity or (4 if args.quick else 20)
     args.rounds = args.rounds or (1 if args.quick else 2)

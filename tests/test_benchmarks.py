@@ -1,26 +1,60 @@
-"""The throughput benchmark runs end to end: every side in its own environment, every block measured.
-(A smoke test on a tiny configuration; the speed itself is measured by the benchmark, never here.)"""
+"""The throughput benchmark runs end to end: every side in its own environment, every block measured;
+its timm side reads timm's own log; the per-operator profile of a training step has its tables.
+(Smoke tests on tiny configurations; the speed itself is measured by the benchmarks, never here.)"""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from facecls.runtime.allocator import JEMALLOC_PATHS
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# A real timm train.py log (see the file's first lines for how it was made).
+TIMM_LOG = (Path(__file__).resolve().parent / "captured" / "timm_train_resnet50.log").read_text()
+EPOCH_RATES = {0: (6.84, 13.23, 4.77), 1: (4.86, 10.69, 13.43)}
 
-def test_throughput_benchmark_measures_three_sides(tmp_path, faces_data):
+
+@pytest.fixture(scope="module")
+def timm_side():
+    spec = importlib.util.spec_from_file_location("facecls_timm_side", ROOT / "benchmarks" / "timm_side.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def fake_timm(tmp_path) -> Path:
+    """A stand-in for a timm checkout: a ``timm`` package with a version and a train.py that refuses a
+    command line without the flags the benchmark promises, else prints the captured log."""
+    root = tmp_path / "fake-timm"
+    (root / "timm").mkdir(parents=True)
+    (root / "timm" / "__init__.py").write_text("__version__ = '0.0.test'\n")
+    (root / "train.py").write_text(
+        "import sys\n"
+        "need = ['--amp', '--channels-last', '--val-split', '--log-interval', '--input-size', '--device']\n"
+        "missing = [flag for flag in need if flag not in sys.argv]\n"
+        "if missing or sys.argv[sys.argv.index('--amp-dtype') + 1] != 'bfloat16':\n"
+        "    sys.exit(f'train.py: missing {missing}')\n"
+        f"print({TIMM_LOG!r})\n"
+    )
+    return root / "train.py"
+
+
+def test_throughput_benchmark_measures_three_sides(tmp_path, faces_data, fake_timm):
     results = tmp_path / "results.json"
     command = [
         sys.executable,
         str(ROOT / "benchmarks" / "throughput.py"),
         "--quick",
         "--faces", str(faces_data / "five_celebrity"),
-        "--models", "mobilenet_v2",
-        "--sizes", "64",
+        "--configs", "sface@112",
         "--identities", "3",
         "--per-identity", "2",
         "--predict-images", "16",
@@ -29,18 +63,24 @@ def test_throughput_benchmark_measures_three_sides(tmp_path, faces_data):
         "--memory-steps", "1",
         "--workdir", str(tmp_path / "work"),
         "--json", str(results),
+        "--timm-train", str(fake_timm),
+        "--timm-python", sys.executable,
     ]  # fmt: skip
     facecls_settings = ("LD_PRELOAD", "MALLOC_CONF", "OMP_WAIT_POLICY", "FACECLS_JEMALLOC")
     env = {k: v for k, v in os.environ.items() if k not in facecls_settings}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| mobilenet_v2 | 64 |" in done.stdout
+    assert "| sface | 112 |" in done.stdout
     report = json.loads(results.read_text())
     assert report["sides"] == ["naive", "naive-alloc", "facecls"]
     (config,) = report["configs"]
+    assert (config["model"], config["size"]) == ("sface", 112) and config["train_gflop_per_image"] > 0
     for block in ("data", "train", "predict"):
         assert all(config[block][side] > 0 for side in report["sides"]), config[block]
         assert config[block]["ratio"] == config[block]["facecls"] / config[block]["naive"]
+    # timm's version is recorded; timm has no SFace (its run with a timm model: the test below).
+    assert report["timm"]["status"] == "ok" and report["timm"]["timm"] == "0.0.test"
+    assert config["timm"]["status"] == "n/a" and "| n/a | - |" in done.stdout
     environment = report["environment"]
     assert "jemalloc" not in environment["naive"]["ld_preload"] and environment["naive"]["malloc_conf"] == ""
     if any(os.path.exists(p) for p in JEMALLOC_PATHS):
@@ -66,3 +106,76 @@ def test_gpu_check_script_runs_on_cpu_at_its_tiny_size(tmp_path):
     assert [(r["recipe"], r["setting"]) for r in rows] == [("mobilenet_v2", "fp32"), ("mobilenet_v2", "bf16+cl")]
     assert all(r["exit"] == 0 and r["img_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in rows)
     assert "NCCL: skipped (fewer than 2 GPUs)" in done.stdout
+
+
+def test_timm_log_parsing_reads_steady_state_speed(timm_side):
+    """img/s over the steps after the warm-up epoch, each step's seconds being batch / its logged rate."""
+    parsed = timm_side.parse_train_log(TIMM_LOG, batch_size=8)
+    timed = [8 / rate for rate in EPOCH_RATES[1]]
+    assert parsed["steps"] == 3
+    assert parsed["img_s"] == pytest.approx(24 / sum(timed))
+    assert parsed["img_s_per_epoch"] == [pytest.approx(24 / sum(timed))]
+    assert parsed["warmup_s"] == pytest.approx(sum(8 / rate for rate in EPOCH_RATES[0]))
+    assert timm_side.parse_train_log(TIMM_LOG, batch_size=8, warmup_epochs=0)["steps"] == 6
+    with pytest.raises(ValueError, match="no training steps after"):
+        timm_side.parse_train_log(TIMM_LOG.split("Skipping")[0], batch_size=8)
+
+
+def test_timm_command_has_the_best_cpu_flags(timm_side, tmp_path):
+    side = timm_side.TimmSide(tmp_path / "train.py", "python", workers=1, extra=("--opt-kwargs", "fused=True"))
+    command = timm_side.timm_command(
+        side, "resnet50", tmp_path / "data", 112, 64, 24, 3, "adam", tmp_path / "out", compiled=True
+    )
+    text = " ".join(command)
+    for flags in ("--amp --amp-dtype bfloat16 --channels-last", "--input-size 3 112 112", "--batch-size 64",
+                  "--num-classes 24", "--epochs 3", "--workers 1", "--device cpu", "--log-interval 1",
+                  "--opt adam", "--model resnet50", "--torchcompile --opt-kwargs fused=True"):  # fmt: skip
+        assert flags in text, flags
+    assert command[command.index("--val-split") + 1] == ""  # no validation
+    eager = timm_side.timm_command(side, "resnet50", tmp_path, 112, 64, 24, 3, "adam", tmp_path, compiled=False)
+    assert "--torchcompile" not in eager
+    env = side.environment()
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path.resolve()) and "FACECLS_JEMALLOC" not in env
+    assert timm_side.run_timm(side, "inception_resnet_v1", tmp_path, 160, 64, 24, 1, "adam", tmp_path) == {
+        "status": "n/a",
+        "why": "timm has no inception_resnet_v1",
+    }
+    assert timm_side.find_timm(None, None, tmp_path) == (None, "not run (no --timm-train, and no ../timm/train.py)")
+
+
+def test_timm_side_runs_both_variants_and_the_table_shows_the_faster(timm_side, fake_timm, tmp_path):
+    side, why = timm_side.find_timm(fake_timm, sys.executable, tmp_path)
+    assert why == "" and timm_side.timm_version(side)["timm"] == "0.0.test"
+    row = timm_side.run_timm(side, "mobilenet_v2", tmp_path / "data", 64, 8, 3, 1, "adamw", tmp_path / "timm")
+    assert row["status"] == "ok" and row["timm_model"] == "mobilenetv2_100", row
+    assert ["--torchcompile" in v["command"] for v in row["variants"].values()] == [False, True]
+    assert row["img_s"] == max(v["img_s"] for v in row["variants"].values()) > 0
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import throughput
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    config = {"train": {"facecls": 2 * row["img_s"]}, "timm": row}
+    assert throughput.timm_cells(config) == f"{row['img_s']:.1f} ({row['variant']}) | 2.00"
+    assert throughput.timm_cells({"timm": {"status": "not run"}}) == "not run | -"
+
+
+def test_profile_step_tables_name_the_operators(tmp_path, faces_data):
+    out = tmp_path / "profile.md"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "profile_step.py"),
+        "--models", "sface@112",
+        "--steps", "1", "--warmup", "1", "--batch-size", "4",
+        "--faces", str(faces_data / "five_celebrity"), "--identities", "3",
+        "--workdir", str(tmp_path / "work"), "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    assert "### sface @ 112 px, batch 4" in text
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert 5 <= len(rows) <= 12 and any("`aten::" in row and "conv" in row for row in rows), rows
+    shares = {line.split(" | ")[0][2:]: float(line.split(" | ")[1]) for line in text.splitlines()
+              if line.startswith("| ") and line.endswith("% |") and not line.startswith("| `")}  # fmt: skip
+    assert shares["convolution (oneDNN forward + backward)"] > 0
+    assert shares["BatchNorm / activations / elementwise"] > 0 and shares["optimizer (step + zero_grad)"] > 0
