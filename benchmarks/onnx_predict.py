@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import shutil
 import statistics
 import subprocess
@@ -25,18 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from facecls.runtime.machine import cpu_text
+
 CELEB24 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "celeb24"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def facecls(*args: str) -> None:
@@ -172,7 +162,7 @@ def main() -> None:
     base = statistics.median(seconds["facecls (PyTorch)"])
     info = json.loads((run / "run.json").read_text())
     print(
-        f"\nCPU: {cpu_name()}; {n} images ({info['model']}); batch {args.batch_size}; {args.rounds} rounds, "
+        f"\nCPU: {cpu_text()}; {n} images ({info['model']}); batch {args.batch_size}; {args.rounds} rounds, "
         f"median; PyTorch side in the run's precision ({info['speed']['precision']})"
     )
     print("\n| side | predict img/s (end to end) | vs facecls | model only img/s | accuracy on these images |")

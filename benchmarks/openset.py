@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import random
 import shutil
 import sys
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 
 from facecls.cli import main as facecls
+from facecls.runtime.machine import cpu_text
 
 
 def _run(args: list[str]) -> float:
@@ -36,16 +36,6 @@ def _run(args: list[str]) -> float:
     if code != 0:
         sys.exit(f"facecls {' '.join(args)} failed with exit code {code}")
     return time.perf_counter() - start
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _images(folder: Path) -> list[Path]:
@@ -88,7 +78,7 @@ def main() -> None:
         "known_identities": len(known),
         "unseen_identities": len(unseen),
         "far_target": args.far,
-        "cpu": _cpu_name(),
+        "cpu": cpu_text(),
     }
     try:
         data = work / "data"

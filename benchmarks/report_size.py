@@ -28,6 +28,7 @@ from facecls.commands.evaluate import PREDICTION_COLUMNS  # noqa: E402
 from facecls.commands.report import write_report  # noqa: E402
 from facecls.core.console import Console  # noqa: E402
 from facecls.core.runs import write_json  # noqa: E402
+from facecls.runtime.machine import cpu_text  # noqa: E402
 
 
 def _faces(folder: Path) -> list[Path]:
@@ -156,7 +157,7 @@ def main() -> None:
         "inlined_images": summary.thumbnails,
         "report_seconds": round(seconds, 2),
         "synthetic_run_seconds": round(made, 2),
-        "cpu": _cpu(),
+        "cpu": cpu_text(),
     }
     print(
         f"{args.identities} identities, {result['test_images']} test images: page {summary.bytes / 1e6:.2f} MB, "
@@ -164,18 +165,6 @@ def main() -> None:
     )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from facecls.data.scan import find_labelled_images
 from facecls.engine.builder import TrainingSetup, build_data, build_training, micro_batch_size
 from facecls.engine.loop import Loop, recipe_phases, run_callbacks, schedule_over
 from facecls.runtime.distributed import DistEnv, barrier, init_distributed
+from facecls.runtime.machine import cpu_info
 from facecls.runtime.speed import resolve_runtime, use_cpu_threads
 
 
@@ -61,6 +62,7 @@ def run_info(setup: TrainingSetup, skipped_files: int) -> dict:
         "manifest_sha256": setup.data.manifest_sha256,
         "skipped_files": skipped_files,
         "environment": runs.environment(),
+        "cpu": cpu_info(),
     }
     if setup.weights:
         info["weights"] = setup.weights

@@ -14,18 +14,13 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from facecls.config import SpeedConfig
 from facecls.core.errors import FaceclsError
-from facecls.runtime.machine import available_cpus
+from facecls.runtime.machine import available_cpus, cpu_info
 
 
 @lru_cache(maxsize=1)
 def cpu_supports_bf16() -> bool:
     """bf16 matmul in hardware: AMX-BF16 or AVX512-BF16 (elsewhere CPU bf16 is emulated and slow)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            flags = next((line for line in handle if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+    return cpu_info()["kind"] in ("amx", "avx512_bf16")
 
 
 def openmp_threads_sleep() -> bool:
