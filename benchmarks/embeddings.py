@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from facecls.runtime.allocator import reexec_with_jemalloc
 from facecls.runtime.machine import cpu_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,6 +171,9 @@ def main() -> int:
     )
     parser.add_argument("--out", type=Path, help="keep the run folders here (default: a temporary folder)")
     args = parser.parse_args()
+    # The environment the `facecls` command gives itself (jemalloc, sleeping OpenMP threads, hence a
+    # thread per core): without it every run here would compute on one thread.
+    reexec_with_jemalloc([str(Path(__file__).resolve()), *sys.argv[1:]])
     try:
         import sklearn  # noqa: F401
     except ImportError:
@@ -185,7 +189,11 @@ def main() -> int:
     if not data.exists():
         data.mkdir()
         (data / "train").symlink_to(args.data.resolve(), target_is_directory=True)
-    print(f"{args.data}: CPU {cpu_text()}; work folder {work}", flush=True)
+    print(
+        f"{args.data}: CPU {cpu_text()}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}, "
+        f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '')}; work folder {work}",
+        flush=True,
+    )
 
     rows: list[dict] = []
     for split_seed in args.split_seeds:

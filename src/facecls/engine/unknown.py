@@ -102,6 +102,8 @@ def heldout_probes(
     which is the k-vote's class for all but borderline faces)."""
     from facecls.data.pipeline import eval_loader
     from facecls.data.split import read_manifest
+    from facecls.engine.builder import backbone_never_trains
+    from facecls.engine.features import stored_eval_loader
     from facecls.engine.inference import split_dataset
     from facecls.runtime.distributed import DistEnv
 
@@ -117,15 +119,29 @@ def heldout_probes(
     dataset = data.datasets[split]
     class_group = identity_groups(dataset.labels, len(loaded.class_names))
     softmax = score_kind(loaded.model) == "probability"
-    loader = eval_loader(
-        dataset, batch_size or 128, env, workers=loaded.runtime.workers, pin_memory=loaded.runtime.pin_memory
-    )
-    model = loaded.model.eval()
+    if backbone_never_trains(loaded.recipe.train):  # the backbone runs once per image, ever
+        loader, normalize, model = stored_eval_loader(
+            loaded.model,
+            dataset,
+            preprocess=loaded.preprocess,
+            runtime=loaded.runtime,
+            model_name=loaded.recipe.model.name,
+            env=env,
+            batch_size=batch_size or 128,
+            seed=loaded.recipe.train.seed,
+            console=console,
+        )
+    else:
+        loader = eval_loader(
+            dataset, batch_size or 128, env, workers=loaded.runtime.workers, pin_memory=loaded.runtime.pin_memory
+        )
+        normalize, model = loaded.normalize, loaded.model
+    model.eval()
     bests, predicted, labels = [], [], []
     bar = (console or Console(progress=False)).progress(f"unknown faces ({split})", len(dataset))
     for images, batch_labels, _ in loader:
         with loaded.runtime.autocast():
-            _, scores = class_scores(model, loaded.normalize(images))
+            _, scores = class_scores(model, normalize(images))
         best, pred = heldout_best(scores.cpu().numpy(), class_group, softmax)
         bests.append(best)
         predicted.append(pred)
