@@ -80,6 +80,7 @@ def train_once(data: Path, run: Path, recipe: str, size: int, epochs: int, overr
         f"train.epochs={epochs}",
         "train.frozen_epochs=0",
         "train.unfreeze=all",
+        "model.head.kind=linear",  # not sface's logistic probe: that one is fitted, not trained by steps
         f"data.input_size={size}",
         f"data.resize={size}",
         *overrides,

@@ -295,6 +295,7 @@ class Facecls:
                 f"train.batch_size={batch_size}",
                 "train.frozen_epochs=0",
                 "train.unfreeze=all",
+                "model.head.kind=linear",  # not sface's logistic probe: fitted on stored features
                 *overrides,
             ],
         )

@@ -84,13 +84,18 @@ class HeadConfig:
     null gives Dropout -> Linear."""
     dropout: float = 0.5
     """Dropout probability before the last Linear (before the normalisation for the cosine heads)."""
-    kind: Literal["linear", "cosine", "arcface", "cosface", "nearest_mean", "knn"] = "linear"
+    kind: Literal["linear", "cosine", "arcface", "cosface", "logistic", "nearest_mean", "knn"] = "linear"
     """linear: a Linear layer; cosine: scaled cosines to L2-normalised class weights; arcface / cosface: the
     same with insightface's additive angular / cosine margin on the target class in training only;
-    nearest_mean / knn: no gradient steps, cosine to the class means / k nearest training features (needs
-    train.unfreeze: none)."""
+    logistic: multinomial logistic regression on the L2-normalised features, fitted to convergence (L-BFGS)
+    on the stored features, its L2 penalty chosen on validation (see ``c``; it can be fine-tuned with the
+    backbone afterwards); nearest_mean / knn: cosine to the class means / k nearest training features (no
+    gradient steps at all: they need train.unfreeze: none)."""
     k: int = 10
     """knn: the number of neighbours (weighted by 1 / cosine distance)."""
+    c: float | None = None
+    """logistic: the inverse L2 penalty C (scikit-learn's meaning: loss summed over the training features
+    + ||W||^2 / 2C); null: the one of 1, 10, 100 with the lowest validation loss (10 without validation)."""
     scale: float | None = None
     """Cosine heads: the scale s of the cosines; null: 64 (insightface's)."""
     margin: float | None = None
@@ -99,10 +104,12 @@ class HeadConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.dropout < 1:
             raise ValueError(f"model.head.dropout must be in [0, 1), got {self.dropout}")
-        if self.kind in ("linear", "knn") and (self.scale is not None or self.margin is not None):
+        if self.kind in ("linear", "knn", "logistic") and (self.scale is not None or self.margin is not None):
             raise ValueError("model.head.scale and model.head.margin apply to the cosine, arcface and cosface heads")
         if self.kind == "nearest_mean" and self.margin is not None:
             raise ValueError("model.head.kind=nearest_mean has no margin")
+        if self.c is not None and (self.kind != "logistic" or not self.c > 0):
+            raise ValueError(f"model.head.c applies to the logistic head and must be > 0, got {self.c}")
         if self.k < 1:
             raise ValueError(f"model.head.k must be >= 1, got {self.k}")
         if self.kind != "linear" and self.hidden:
@@ -289,6 +296,15 @@ class Recipe:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
 
     def __post_init__(self) -> None:
+        t = self.train
+        if self.model.head.kind == "logistic" and not (
+            t.feature_views >= 1 and (t.frozen_epochs > 0 or t.unfreeze == "none")
+        ):
+            raise ValueError(
+                "model.head.kind=logistic is fitted on stored features of a frozen backbone: it needs "
+                "train.feature_views >= 1 and train.frozen_epochs >= 1 (or train.unfreeze: none); to train "
+                "the head by gradient steps from the start use model.head.kind=linear"
+            )
         if self.model.head.kind in ("nearest_mean", "knn"):
             if self.train.unfreeze != "none" or self.train.feature_views < 1:
                 raise ValueError(

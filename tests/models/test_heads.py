@@ -7,7 +7,7 @@ import torch
 
 from facecls.config import HeadConfig, recipe_from_dict
 from facecls.core.errors import FaceclsError
-from facecls.models.heads import ClassifierHead, MarginHead, build_head, margin_logits
+from facecls.models.heads import ClassifierHead, LogisticHead, MarginHead, build_head, margin_logits
 from facecls.models.registry import create_model
 
 # float32 cosines of 16-d unit vectors: each a 16-term dot product, so a relative error of a few 1e-7
@@ -83,6 +83,8 @@ def test_defaults_and_linear_head():
         ({"kind": "arcface", "margin": 2.0}, "must be in"),
         ({"kind": "cosface", "scale": 0}, "scale must be > 0"),
         ({"kind": "sphereface"}, "not one of"),
+        ({"kind": "logistic", "c": 0}, "must be > 0"),
+        ({"kind": "linear", "c": 1.0}, "applies to the logistic head"),
     ],
 )
 def test_bad_head_configs_are_refused(head, message):
@@ -100,3 +102,55 @@ def test_every_head_trains_in_a_classifier(kind):
     assert logits.shape == (4, 3)
     torch.nn.functional.cross_entropy(logits, labels).backward()
     assert all(p.grad is not None for p in model.head.parameters())
+
+
+def test_logistic_head_without_stored_features_is_refused():
+    settings = {"model": {"head": {"kind": "logistic"}}, "train": {"feature_views": 0}}
+    with pytest.raises(FaceclsError, match="logistic is fitted on stored features"):
+        recipe_from_dict(settings)
+
+
+def _clusters(n: int, seed: int):
+    """Three overlapping classes in 16-d (so the fit cannot separate them perfectly: the penalty matters)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(3, 16, generator=g)
+    labels = torch.arange(n) % 3
+    return centres[labels] + 1.5 * torch.randn(n, 16, generator=g), labels
+
+
+def test_logistic_head_reaches_the_optimum_of_its_objective():
+    """At the fitted weights the gradient of sum-of-cross-entropies + ||W||^2 / 2C on the unit features
+    vanishes (L-BFGS converged), i.e. it is scikit-learn's LogisticRegression(C) solution."""
+    features, labels = _clusters(300, 0)
+    head = LogisticHead(16, 3, HeadConfig(kind="logistic", c=10.0))
+    head.fit(features, labels)
+    assert float(head.chosen_c) == 10.0
+    unit = torch.nn.functional.normalize(features, dim=1)
+    weight = head.linear.weight.detach().clone().requires_grad_(True)
+    bias = head.linear.bias.detach().clone().requires_grad_(True)
+    objective = torch.nn.functional.cross_entropy(unit @ weight.T + bias, labels, reduction="sum")
+    (objective + (weight**2).sum() / 20.0).backward()
+    # L-BFGS stops at a gradient of 1e-6 per coordinate (tolerance_grad) or when the objective stops
+    # changing (1e-9); the objective is a sum over 300 rows, so 1e-3 is far from both and from 0 at the start.
+    assert weight.grad.abs().max() < 1e-3 and bias.grad.abs().max() < 1e-3
+    at_start = torch.nn.functional.cross_entropy(torch.zeros(300, 3), labels, reduction="sum")
+    assert float(objective.detach()) < 0.9 * float(at_start)
+    # forward: the same linear map of the L2-normalised features, at any scale of the input
+    torch.testing.assert_close(head(3.0 * features), unit @ head.linear.weight.T + head.linear.bias)
+
+
+def test_logistic_head_chooses_c_by_validation_loss():
+    features, labels = _clusters(300, 1)
+    val_features, val_labels = _clusters(90, 2)
+    chosen = LogisticHead(16, 3, HeadConfig(kind="logistic"))
+    chosen.fit(features, labels, val_features, val_labels)
+    losses = {}
+    for c in LogisticHead.GRID:
+        fixed = LogisticHead(16, 3, HeadConfig(kind="logistic", c=c))
+        fixed.fit(features, labels)
+        losses[c] = float(torch.nn.functional.cross_entropy(fixed(val_features), val_labels))
+    assert float(chosen.chosen_c) == min(losses, key=losses.get)
+    # without a validation split: the default C
+    default = LogisticHead(16, 3, HeadConfig(kind="logistic"))
+    default.fit(features, labels)
+    assert float(default.chosen_c) == LogisticHead.DEFAULT_C

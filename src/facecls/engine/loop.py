@@ -438,7 +438,12 @@ class StoredFeaturePhase(Phase):
         views, images, dim = stored.features.shape
         labels = torch.tensor(stored.labels, device=device)
         features = stored.features.reshape(views * images, dim).to(device)
-        self.head.fit(features, labels.repeat(views))
+        if getattr(self.head, "uses_validation", False) and self.loaders[1] is not None:
+            val = self.loaders[1].dataset  # the validation features as the model sees them (1 x N x D)
+            val_labels = torch.tensor(val.labels, device=device)
+            self.head.fit(features, labels.repeat(views), val.features[0].to(device), val_labels)
+        else:
+            self.head.fit(features, labels.repeat(views))
         self.head.eval()
         stats = RunningStats()
         for start in range(0, images, 4096):  # bounded memory: a kNN query block is 4096 x gallery
