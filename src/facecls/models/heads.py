@@ -15,6 +15,7 @@ training images (class-mean unit vectors; the gallery of unit vectors) and keep 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from torch import nn
@@ -170,8 +171,14 @@ class LogisticHead(nn.Module):
     GRID = (1.0, 10.0, 100.0)
     """C values tried (ascending: each fit starts from the previous one) when ``config.c`` is null."""
     DEFAULT_C = 10.0
-    """C without a validation split to choose on."""
+    """C without a validation split to choose on, or when the problem is too large for a grid."""
     MAX_ITER = 100
+    GRID_LIMIT = 5e7
+    """Training features x classes above which C is not chosen on a grid (each L-BFGS evaluation passes
+    over all features x classes logits: at 224,000 features x 7,000 classes about 10 s on 2 cores)."""
+    TIME_BUDGET_S = 600.0
+    """A fit stops after this many seconds even if not converged (it starts from the class means, so it
+    is a sound classifier from the first iteration on)."""
     CHUNK = 8192
     """Rows per block of the loss: its logits (CHUNK x classes floats) bound the memory of a fit."""
 
@@ -186,11 +193,11 @@ class LogisticHead(nn.Module):
             return self.linear(nn.functional.normalize(features.float(), dim=1))
 
     @torch.enable_grad()
-    def _fit_one(self, unit: torch.Tensor, labels: torch.Tensor, c: float) -> None:
+    def _fit_one(self, unit: torch.Tensor, labels: torch.Tensor, c: float, deadline: float) -> None:
         optimizer = torch.optim.LBFGS(
             self.linear.parameters(),
             lr=1.0,
-            max_iter=self.MAX_ITER,
+            max_iter=10,
             history_size=20,
             line_search_fn="strong_wolfe",
             tolerance_grad=1e-6,
@@ -209,7 +216,19 @@ class LogisticHead(nn.Module):
                 total = total.detach() + block.detach()
             return total
 
-        optimizer.step(closure)
+        # Ten iterations at a time (L-BFGS keeps its history across calls), to honour the deadline.
+        for _ in range(self.MAX_ITER // 10):
+            before = optimizer.state[optimizer.param_groups[0]["params"][0]].get("n_iter", 0)
+            optimizer.step(closure)
+            done = optimizer.state[optimizer.param_groups[0]["params"][0]].get("n_iter", 0) - before < 10
+            if done or time.monotonic() > deadline:
+                break
+
+    @torch.no_grad()
+    def _start_from_class_means(self, unit: torch.Tensor, labels: torch.Tensor) -> None:
+        sums = torch.zeros_like(self.linear.weight).index_add_(0, labels, unit)
+        self.linear.weight.copy_(16.0 * nn.functional.normalize(sums, dim=1))  # logits 16 x cosine to the mean
+        self.linear.bias.zero_()
 
     def fit(
         self,
@@ -220,19 +239,22 @@ class LogisticHead(nn.Module):
     ) -> None:
         """Fit on ``features`` (N x D, any scale) and ``labels``; with ``config.c`` null, the C of GRID whose
         fit has the lowest cross-entropy on the validation features (by loss: on a small validation set
-        top-1 ties too often to choose)."""
+        top-1 ties too often to choose). Large problems (GRID_LIMIT) use DEFAULT_C; every fit together
+        stops at TIME_BUDGET_S."""
         unit = nn.functional.normalize(features.float(), dim=1)
         labels = labels.to(unit.device)
-        with torch.no_grad():
-            self.linear.weight.zero_()
-            self.linear.bias.zero_()
-        if self.c is not None or val_features is None or len(val_features) == 0:
+        deadline = time.monotonic() + self.TIME_BUDGET_S
+        self._start_from_class_means(unit, labels)
+        no_grid = (
+            val_features is None or len(val_features) == 0 or len(unit) * len(self.linear.weight) > self.GRID_LIMIT
+        )
+        if self.c is not None or no_grid:
             chosen = self.c if self.c is not None else self.DEFAULT_C
-            self._fit_one(unit, labels, chosen)
+            self._fit_one(unit, labels, chosen, deadline)
         else:
             best = None
             for c in self.GRID:
-                self._fit_one(unit, labels, c)
+                self._fit_one(unit, labels, c, deadline)
                 with torch.no_grad():
                     loss = float(nn.functional.cross_entropy(self(val_features), val_labels.to(unit.device)))
                 if best is None or loss < best[0]:
