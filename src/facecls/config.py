@@ -93,9 +93,10 @@ class HeadConfig:
     gradient steps at all: they need train.unfreeze: none)."""
     k: int = 10
     """knn: the number of neighbours (weighted by 1 / cosine distance)."""
-    c: float | None = None
+    c: float | None = 10.0
     """logistic: the inverse L2 penalty C (scikit-learn's meaning: loss summed over the training features
-    + ||W||^2 / 2C); null: the one of 1, 10, 100 with the lowest validation loss (10 without validation)."""
+    + ||W||^2 / 2C); null: the one of 1, 10, 100 with the lowest validation loss. 10 measured best on SFace
+    features (benchmarks/RESULTS.md): a validation set of a few hundred faces chooses C too noisily."""
     scale: float | None = None
     """Cosine heads: the scale s of the cosines; null: 64 (insightface's)."""
     margin: float | None = None
@@ -108,8 +109,8 @@ class HeadConfig:
             raise ValueError("model.head.scale and model.head.margin apply to the cosine, arcface and cosface heads")
         if self.kind == "nearest_mean" and self.margin is not None:
             raise ValueError("model.head.kind=nearest_mean has no margin")
-        if self.c is not None and (self.kind != "logistic" or not self.c > 0):
-            raise ValueError(f"model.head.c applies to the logistic head and must be > 0, got {self.c}")
+        if self.c is not None and not self.c > 0:
+            raise ValueError(f"model.head.c must be > 0 (or null), got {self.c}")
         if self.k < 1:
             raise ValueError(f"model.head.k must be >= 1, got {self.k}")
         if self.kind != "linear" and self.hidden:

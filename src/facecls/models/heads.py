@@ -161,9 +161,9 @@ class LogisticHead(nn.Module):
     """Multinomial logistic regression on L2-normalised features, as scikit-learn's LogisticRegression
     fits it (cross-entropy summed over the training features + ||W||^2 / 2C, no penalty on the bias),
     fitted to convergence with L-BFGS rather than by epochs of gradient steps: the linear probe of the
-    representation-learning literature (CLIP's protocol picks C on validation the same way). Measured on
-    SFace embeddings (benchmarks/RESULTS.md) it beats a head trained by AdamW with early stopping, which
-    stops before the weights reach the large norm that unit-length features need."""
+    representation-learning literature (CLIP's protocol; ``config.c`` null picks C on validation as it
+    does). Measured on SFace embeddings (benchmarks/RESULTS.md) it beats a head trained by AdamW with
+    early stopping, which stops before the weights reach the large norm that unit-length features need."""
 
     takes_labels = False
     fits_without_gradients = True
@@ -171,7 +171,7 @@ class LogisticHead(nn.Module):
     GRID = (1.0, 10.0, 100.0)
     """C values tried (ascending: each fit starts from the previous one) when ``config.c`` is null."""
     DEFAULT_C = 10.0
-    """C without a validation split to choose on, or when the problem is too large for a grid."""
+    """C with ``config.c`` null but no validation split to choose on, or a problem too large for a grid."""
     MAX_ITER = 100
     GRID_LIMIT = 5e7
     """Training features x classes above which C is not chosen on a grid (each L-BFGS evaluation passes
