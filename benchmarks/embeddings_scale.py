@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from facecls.data.synthetic import SyntheticSpec, generate_synthetic_faces
-from facecls.runtime.machine import cpu_model
+from facecls.runtime.machine import cpu_text
 
 FEATURES_LINE = re.compile(r"^(train|val) features: (\d+) images x (\d+) view\(s\) computed in ([\d.]+) s", re.M)
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     epochs, head_s = head_phase(run / "metrics.csv")
     images, seconds = embedded["train"]
     final = re.search(r"val top-1 ([\d.]+)%, test top-1 ([\d.]+)%", log)
-    print(f"CPU {cpu_model()}, {os.cpu_count()} cores; {args.identities} identities x {args.per_identity} images")
+    print(f"CPU {cpu_text()}; {args.identities} identities x {args.per_identity} images")
     print("| identities x images | embedding img/s (train) | head phase | whole run | peak RSS | val / test top-1 |")
     print("|---|---|---|---|---|---|")
     print(
