@@ -179,8 +179,11 @@ class Loop:
         if s.runtime.compile:
             self.model = torch.compile(self.model)
         if not self.finished():
+            fitted = getattr(getattr(self.model, "_orig_mod", self.model).head, "fits_without_gradients", False)
             head = (
-                f"head on stored features ({t.feature_views} view(s)) until validation stops improving, "
+                f"{s.recipe.model.head.kind} head fitted once on stored features ({t.feature_views} view(s)), "
+                if uses_stored_features(t) and fitted
+                else f"head on stored features ({t.feature_views} view(s)) until validation stops improving, "
                 if uses_stored_features(t)
                 else f"{t.frozen_epochs} frozen, "
             )
@@ -398,8 +401,8 @@ class StoredFeaturePhase(Phase):
     name = "features"
     short_epochs = True
 
-    def __init__(self, train: TrainConfig):
-        self.train = train
+    def __init__(self, train: TrainConfig, fitted: bool = False):
+        self.train, self.fitted = train, fitted  # fitted: the head fits in one epoch, without gradient steps
         self.progress = HeadProgress()
         self.best_head: dict | None = None
         """The head's state at the phase's best epoch so far (``best_epoch``)."""
@@ -412,7 +415,9 @@ class StoredFeaturePhase(Phase):
         return self.progress.done
 
     def planned_end(self) -> int:
-        return self.progress.epochs if self.progress.done else self.train.head_max_epochs
+        if self.progress.done:
+            return self.progress.epochs
+        return 1 if self.fitted else self.train.head_max_epochs
 
     def enter(self, loop: Loop) -> nn.Module:
         from facecls.engine.features import ToDevice
@@ -516,7 +521,7 @@ def recipe_phases(setup: TrainingSetup) -> list[Phase]:
     t = setup.recipe.train
     finetune = 0 if t.unfreeze == "none" else t.epochs - t.frozen_epochs
     if uses_stored_features(t):
-        head = StoredFeaturePhase(t)
+        head = StoredFeaturePhase(t, fitted=getattr(setup.model.head, "fits_without_gradients", False))
         if not finetune:
             return [head]
         until = lambda: head.planned_end() + finetune  # noqa: E731 - known once the head phase has ended
