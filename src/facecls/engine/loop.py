@@ -468,7 +468,7 @@ class StoredFeaturePhase(Phase):
     def record(self, loop: Loop, end: EpochEnd) -> None:
         self.progress.record(end.monitor, end.monitor_loss, self.train)
         self.progress.done |= self.head.fits_without_gradients  # a second fit changes nothing
-        if end.improved:
+        if end.improved and not self.head.fits_without_gradients:  # a fitted head has one epoch only
             self.best_head = {k: v.detach().clone() for k, v in self.head.state_dict().items()}
             self.best_epoch = loop.state.epoch
         if self.progress.done and self.best_head is not None and self.best_epoch != loop.state.epoch:
