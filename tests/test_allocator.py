@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from facecls.runtime.allocator import JEMALLOC_PATHS, jemalloc_environment
+from facecls.runtime.allocator import JEMALLOC_PATHS, WORKER_DECAY_MS, jemalloc_environment
 
 # Allocates a 64 MiB buffer, frees it, allocates and fills one of the same size again, and prints the
 # minor page faults of the second allocation (16,384 when the pages come fresh from the kernel).
@@ -59,3 +59,34 @@ def test_jemalloc_environment_keeps_freed_memory(monkeypatch):
     assert _probe("none", env)["faults"] < 1_000
     # the control: jemalloc with its default decay faults the pages in again
     assert _probe("none", {**env, "MALLOC_CONF": "background_thread:true"})["faults"] > 10_000
+
+
+# Reads jemalloc's decay settings in this process and in a forked child (a DataLoader worker is one).
+FORK_PROBE = """
+import ctypes, json, os
+import facecls.runtime.allocator
+mallctl = ctypes.CDLL(None).mallctl
+mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+def decay():
+    value, size = ctypes.c_ssize_t(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_ssize_t))
+    assert mallctl(b"arena.0.dirty_decay_ms", ctypes.byref(value), ctypes.byref(size), None, 0) == 0
+    return value.value
+read, write = os.pipe()
+if os.fork() == 0:
+    os.write(write, str(decay()).encode())
+    os._exit(0)
+os.wait()
+print(json.dumps({"parent": decay(), "child": int(os.read(read, 64))}))
+"""
+
+
+def test_forked_loader_workers_purge_what_they_free(monkeypatch):
+    """Never-purge is for the training process; a loader worker under it grew ~27 KB per image served."""
+    for name in ("LD_PRELOAD", "MALLOC_CONF", "FACECLS_JEMALLOC"):
+        monkeypatch.delenv(name, raising=False)
+    env = jemalloc_environment()
+    if env is None:
+        pytest.skip("jemalloc is not installed (Debian: libjemalloc2)")
+    done = subprocess.run([sys.executable, "-c", FORK_PROBE], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"parent": -1, "child": WORKER_DECAY_MS}

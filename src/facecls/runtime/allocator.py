@@ -16,6 +16,11 @@ Two ways, chosen at process start:
 * otherwise, on glibc: ``mallopt`` in this process turns off mmap for large blocks and heap trimming
   (no re-exec needed: glibc reads these at any time, and forked loader workers inherit them).
 
+Forked children (the DataLoader workers) do purge, after a second: a worker only decodes and hands
+batches over, and under never-purge its resident memory grew by about 27 KB per image it served (a
+112,000-image pass of the stored-feature embedding reached 4.4 GB in the one worker; with decay it stays
+flat at about 0.4 GB).
+
 ``FACECLS_JEMALLOC=0`` leaves the allocator alone. Kept free of torch imports: it runs before them.
 """
 
@@ -35,6 +40,37 @@ JEMALLOC_PATHS = (
 JEMALLOC_CONF = "background_thread:true,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+WORKER_DECAY_MS = 1000
+
+
+def jemalloc_decay(ms: int) -> bool:
+    """Make this process's jemalloc hand freed pages back after ``ms`` milliseconds (-1: never), in its
+    arenas and in arenas made later. True when jemalloc is loaded and took the setting."""
+    if not jemalloc_loaded():
+        return False
+    try:
+        mallctl = ctypes.CDLL(None).mallctl  # the preloaded jemalloc's symbols are the process's
+    except (OSError, AttributeError):
+        return False
+    mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    mallctl.restype = ctypes.c_int
+    value = ctypes.c_ssize_t(ms)
+
+    def write(name: str) -> bool:
+        return mallctl(name.encode(), None, None, ctypes.byref(value), ctypes.sizeof(value)) == 0
+
+    narenas, size = ctypes.c_uint(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_uint))
+    if mallctl(b"arenas.narenas", ctypes.byref(narenas), ctypes.byref(size), None, 0) != 0:
+        return False
+    # Arenas not in use yet refuse the setting; they take the default set below when they start.
+    in_use = [write(f"arena.{i}.{kind}_decay_ms") for i in range(narenas.value) for kind in ("dirty", "muzzy")]
+    return any(in_use) and write("arenas.dirty_decay_ms") and write("arenas.muzzy_decay_ms")
+
+
+def _purging_children() -> None:
+    jemalloc_decay(WORKER_DECAY_MS)
 
 
 def jemalloc_loaded() -> bool:
@@ -91,3 +127,8 @@ def reexec_with_jemalloc(argv: list[str]) -> None:
         except OSError:
             pass
     keep_freed_memory_glibc()
+
+
+if jemalloc_loaded() and hasattr(os, "register_at_fork"):
+    # Every process that imports facecls registers it once (module import runs once per process).
+    os.register_at_fork(after_in_child=_purging_children)
