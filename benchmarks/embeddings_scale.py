@@ -7,7 +7,8 @@ feature cache, as a user would, and reports from the run's own log and metrics:
   - embedding throughput: training images x views / the seconds the log gives for computing them
   - the head phase: its epochs and the seconds they took (metrics.csv), and the whole run's wall time
   - peak memory against the issue's 4 GiB: the anonymous memory of the run and its loader workers
-    (sampled every 0.5 s), and the peak RSS (ru_maxrss), which also counts mapped decoded-cache pages
+    (proportional set size, sampled every 0.5 s), and the peak RSS of any one process (ru_maxrss), which
+    also counts the mapped decoded-cache pages
 
     python benchmarks/embeddings_scale.py [--identities 7000 --per-identity 20] [--workdir DIR]
 """
@@ -32,8 +33,9 @@ FEATURES_LINE = re.compile(r"^(train|val) features: (\d+) images x (\d+) view\(s
 
 
 def tree_anon_kib(pid: int) -> int:
-    """Anonymous resident memory (KiB) of ``pid`` and its children: what the run allocated, without the
-    pages of the memory-mapped decoded cache, which count in RSS but are the kernel's page cache."""
+    """Anonymous memory (KiB) of ``pid`` and its children, each page divided among the processes sharing
+    it (Pss_Anon: a forked loader worker shares its parent's pages until either writes them); without
+    the pages of the memory-mapped decoded cache, which count in RSS but are the kernel's page cache."""
     total = 0
     pids = [str(pid)]
     try:
@@ -42,10 +44,10 @@ def tree_anon_kib(pid: int) -> int:
         pass
     for p in pids:
         try:
-            status = open(f"/proc/{p}/status").read()
+            rollup = open(f"/proc/{p}/smaps_rollup").read()
         except OSError:
             continue
-        found = re.search(r"^RssAnon:\s+(\d+)", status, re.M)
+        found = re.search(r"^Pss_Anon:\s+(\d+)", rollup, re.M)
         total += int(found[1]) if found else 0
     return total
 
