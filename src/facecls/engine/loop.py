@@ -629,6 +629,10 @@ class Checkpoints(Callback):
         if step >= steps:  # the epoch's last step: its end saves
             return
         if loop.state.stop_requested or (self.every and step % self.every == 0):
+            # A best.ckpt still held back must reach the disk first: the last.ckpt written now records that
+            # epoch as the best, and a resume from it would never write it again.
+            self.pending.pop("last.ckpt", None)
+            self.flush(loop)
             self.save(loop, "last.ckpt", running.reduced(loop.setup.env))
 
     def on_epoch_end(self, loop: Loop, end: EpochEnd) -> None:
