@@ -12,11 +12,8 @@ from facecls.core.atomic import atomic_write
 from facecls.core.console import Console
 from facecls.core.errors import FaceclsError
 from facecls.core.run_folder import RunFolder
-from facecls.data.pipeline import eval_loader
 from facecls.data.scan import escape_name
-from facecls.engine.builder import backbone_never_trains
-from facecls.engine.features import stored_eval_loader
-from facecls.engine.inference import load_run, split_dataset
+from facecls.engine.inference import load_run, split_batches, split_dataset
 from facecls.engine.steps import evaluate
 from facecls.runtime.distributed import DistEnv
 
@@ -47,21 +44,7 @@ def evaluate_run(
     data = split_dataset(loaded, rows, split, env)
     dataset = data.datasets[split]
     batch = batch_size or max(1, loaded.recipe.train.batch_size * 2 // env.world_size)
-    if backbone_never_trains(loaded.recipe.train):  # the backbone runs once per image, ever
-        loader, normalize, model = stored_eval_loader(
-            loaded.model,
-            dataset,
-            preprocess=loaded.preprocess,
-            runtime=loaded.runtime,
-            model_name=loaded.recipe.model.name,
-            env=env,
-            batch_size=batch,
-            seed=loaded.recipe.train.seed,
-            console=console,
-        )
-    else:
-        loader = eval_loader(dataset, batch, env, workers=loaded.runtime.workers, pin_memory=loaded.runtime.pin_memory)
-        normalize, model = loaded.normalize, loaded.model
+    loader, normalize, model = split_batches(loaded, dataset, env, batch, console)
     preds = evaluate(model, loader, loaded.runtime, normalize, env)
     metrics = preds.metrics(len(loaded.class_names))
     result = {

@@ -15,7 +15,7 @@ from facecls.core.checkpoint import load_checkpoint, load_model_state
 from facecls.core.console import Console
 from facecls.core.errors import FaceclsError
 from facecls.core.run_folder import RunFolder
-from facecls.data.pipeline import SplitData, build_datasets, loader_kwargs
+from facecls.data.pipeline import SplitData, build_datasets, eval_loader, loader_kwargs
 from facecls.data.split import ManifestRow
 from facecls.data.transforms import Normalize
 from facecls.models.registry import FaceClassifier, create_model, default_flip_tta
@@ -86,6 +86,31 @@ def split_dataset(loaded: LoadedRun, rows: list[ManifestRow], split: str, env: D
         splits=(split,),
         class_names=loaded.class_names,
     )
+
+
+def split_batches(
+    loaded: LoadedRun, dataset, env: DistEnv, batch_size: int, console: Console | None = None
+) -> tuple[DataLoader, torch.nn.Module, torch.nn.Module]:
+    """What evaluating ``loaded`` on ``dataset`` (a split of its data) iterates: ``(loader, normalize,
+    model)``. A run whose backbone never trained reads the stored features (the backbone runs once per
+    image, ever) and the model is its head; any other run reads the images through the whole model."""
+    from facecls.engine.builder import backbone_never_trains
+    from facecls.engine.features import stored_eval_loader
+
+    if backbone_never_trains(loaded.recipe.train):
+        return stored_eval_loader(
+            loaded.model,
+            dataset,
+            preprocess=loaded.preprocess,
+            runtime=loaded.runtime,
+            model_name=loaded.recipe.model.name,
+            env=env,
+            batch_size=batch_size,
+            seed=loaded.recipe.train.seed,
+            console=console,
+        )
+    loader = eval_loader(dataset, batch_size, env, workers=loaded.runtime.workers, pin_memory=loaded.runtime.pin_memory)
+    return loader, loaded.normalize, loaded.model
 
 
 def inference_model(

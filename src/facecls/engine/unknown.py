@@ -100,11 +100,8 @@ def heldout_probes(
     """The held-out protocol on ``split`` of a loaded run (see the module docstring). In each round a
     face's class is the best-scoring class left in the gallery (for kNN: its nearest gallery face's,
     which is the k-vote's class for all but borderline faces)."""
-    from facecls.data.pipeline import eval_loader
     from facecls.data.split import read_manifest
-    from facecls.engine.builder import backbone_never_trains
-    from facecls.engine.features import stored_eval_loader
-    from facecls.engine.inference import split_dataset
+    from facecls.engine.inference import split_batches, split_dataset
     from facecls.runtime.distributed import DistEnv
 
     rows = read_manifest(Path(loaded.run) / "split.csv")
@@ -119,23 +116,7 @@ def heldout_probes(
     dataset = data.datasets[split]
     class_group = identity_groups(dataset.labels, len(loaded.class_names))
     softmax = score_kind(loaded.model) == "probability"
-    if backbone_never_trains(loaded.recipe.train):  # the backbone runs once per image, ever
-        loader, normalize, model = stored_eval_loader(
-            loaded.model,
-            dataset,
-            preprocess=loaded.preprocess,
-            runtime=loaded.runtime,
-            model_name=loaded.recipe.model.name,
-            env=env,
-            batch_size=batch_size or 128,
-            seed=loaded.recipe.train.seed,
-            console=console,
-        )
-    else:
-        loader = eval_loader(
-            dataset, batch_size or 128, env, workers=loaded.runtime.workers, pin_memory=loaded.runtime.pin_memory
-        )
-        normalize, model = loaded.normalize, loaded.model
+    loader, normalize, model = split_batches(loaded, dataset, env, batch_size or 128, console)
     model.eval()
     bests, predicted, labels = [], [], []
     bar = (console or Console(progress=False)).progress(f"unknown faces ({split})", len(dataset))

@@ -105,14 +105,20 @@ class NearestMeanHead(nn.Module):
     @torch.no_grad()
     def fit(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """``features``: N x D (any scale), ``labels``: N class indices."""
-        unit = nn.functional.normalize(features.float(), dim=1)
-        sums = torch.zeros_like(self.means, dtype=torch.float32).index_add_(0, labels.to(unit.device), unit)
-        self.means.copy_(nn.functional.normalize(sums, dim=1))
+        self.means.copy_(class_mean_directions(features, labels, len(self.means)))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         with torch.autocast(features.device.type, enabled=False):  # cosines in float32
             unit = nn.functional.normalize(features.float(), dim=1)
             return self.scale * unit @ self.means.float().T
+
+
+def class_mean_directions(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``num_classes x D`` float32: the unit vector of each class's mean unit feature (zero for a class
+    without any)."""
+    unit = nn.functional.normalize(features.float(), dim=1)
+    sums = torch.zeros(num_classes, unit.shape[1], device=unit.device).index_add_(0, labels.to(unit.device), unit)
+    return nn.functional.normalize(sums, dim=1)
 
 
 class KNNHead(nn.Module):
@@ -226,8 +232,8 @@ class LogisticHead(nn.Module):
 
     @torch.no_grad()
     def _start_from_class_means(self, unit: torch.Tensor, labels: torch.Tensor) -> None:
-        sums = torch.zeros_like(self.linear.weight).index_add_(0, labels, unit)
-        self.linear.weight.copy_(16.0 * nn.functional.normalize(sums, dim=1))  # logits 16 x cosine to the mean
+        means = class_mean_directions(unit, labels, len(self.linear.weight))
+        self.linear.weight.copy_(16.0 * means)  # logits 16 x the cosine to the class mean
         self.linear.bias.zero_()
 
     def fit(
