@@ -238,7 +238,7 @@ def build_messy_data(faces_data: Path, root: Path) -> MessyData:
 
 @pytest.fixture(scope="session")
 def messy_data(faces_data, tmp_path_factory) -> MessyData:
-    return build_messy_data(faces_data, tmp_path_factory.mktemp("messy") / "data")
+    return build_messy_data(faces_data, tmp_path_factory.mktemp("session_messy") / "data")
 
 
 @dataclass
@@ -251,7 +251,7 @@ class TrainedRun:
 @pytest.fixture(scope="session")
 def trained_run(messy_data, tmp_path_factory) -> TrainedRun:
     """A finished tiny run (2 epochs) trained on the messy data folder, in a child process."""
-    run = tmp_path_factory.mktemp("runs") / "messy"
+    run = tmp_path_factory.mktemp("session_runs") / "messy"
     result = cli_subprocess("train", "--data", messy_data.root, "--out", run, *tiny_args("speed.workers=0"))
     assert result.returncode == 0, result.stderr
     return TrainedRun(run, messy_data, result.stderr)
