@@ -1,4 +1,6 @@
-"""onnxruntime against facecls's own predict path: images per second on the same images, and int8's accuracy.
+"""Inference backends against facecls's own PyTorch predict path: images per second on the same images, and
+each side's accuracy. The backends: OpenVINO on the run itself (``--backend openvino``, when installed), and
+onnxruntime on the run's exports.
 
 Takes a trained run (or trains a short SFace run on ../shared/data/celeb24 first), exports it with
 ``facecls export`` as float32 and as int8 (static, calibrated on the run's validation images, and dynamic),
@@ -22,9 +24,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
+from facecls.runtime.allocator import reexec_with_jemalloc
 from facecls.runtime.machine import cpu_text
+from facecls.runtime.openvino_backend import openvino_installed
 
 CELEB24 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "celeb24"
 
@@ -55,17 +60,26 @@ def image_folder(run: Path, out: Path, limit: int | None) -> dict[str, str]:
     return truth
 
 
+def _labels(submission: Path) -> list[str]:
+    with open(submission, newline="", encoding="utf-8") as handle:
+        return [row["label"] for row in csv.DictReader(handle)]
+
+
 def accuracy(submission: Path, truth: dict[str, str]) -> float:
     with open(submission, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     return sum(truth[r["image_name"]] == r["label"] for r in rows) / len(rows)
 
 
-def predict_seconds(model: Path, images: Path, out: Path, batch_size: int) -> float:
+PYTORCH, OPENVINO = "facecls (PyTorch)", "facecls (OpenVINO)"
+
+
+def predict_seconds(name: str, model: Path, images: Path, out: Path, batch_size: int) -> float:
     from facecls.commands.predict import predict_folder
 
+    backend = {PYTORCH: "torch", OPENVINO: "openvino"}.get(name)
     start = time.perf_counter()
-    predict_folder(model, images, out, batch_size=batch_size, compile_inference=None, progress=False)
+    predict_folder(model, images, out, batch_size=batch_size, compile_inference=None, backend=backend, progress=False)
     return time.perf_counter() - start
 
 
@@ -82,15 +96,18 @@ def model_only(sides: dict[str, Path], run: Path, batch: int, repeats: int) -> d
         0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )
     x = loaded.normalize(images)
-    model = inference_model(loaded.model, loaded.runtime, size)
+    callables = {}
+    for name, backend in ((PYTORCH, "torch"), (OPENVINO, "openvino")):
+        if name in sides:
+            model = inference_model(loaded.model, replace(loaded.runtime, inference_backend=backend), size)
+
+            @torch.inference_mode()
+            def run_model(model=model):
+                with loaded.runtime.autocast():
+                    model(x)
+
+            callables[name] = run_model
     result = {}
-
-    @torch.inference_mode()
-    def torch_side():
-        with loaded.runtime.autocast():
-            model(x)
-
-    callables = {"facecls (PyTorch)": torch_side}
     for name, path in sides.items():
         if path.suffix == ".onnx":
             onnx_model = OnnxModel(path, loaded.runtime.threads)
@@ -118,7 +135,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--limit", type=int, help="predict only the first N val/test images")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--no-onnx", action="store_true", help="only the run's own backends (no exports)")
     args = parser.parse_args()
+    # The environment the `facecls` command gives itself (jemalloc, sleeping OpenMP threads), so the
+    # in-process predictions run as the command's do.
+    reexec_with_jemalloc([str(Path(__file__).resolve()), *sys.argv[1:]])
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="facecls-onnx-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -133,12 +154,15 @@ def main() -> None:
                 if not (data / "train").exists():
                     (data / "train").symlink_to(args.data.resolve(), target_is_directory=True)
             train_run(data, run, args.max_steps)
-    sides = {"facecls (PyTorch)": run}
-    for name, extra in (
+    sides = {PYTORCH: run}
+    if openvino_installed():
+        sides[OPENVINO] = run
+    exports = () if args.no_onnx else (
         ("fp32", []),
         ("int8-static", ["--quantize", "static"]),
         ("int8-dynamic", ["--quantize", "dynamic"]),
-    ):
+    )  # fmt: skip
+    for name, extra in exports:
         out = workdir / f"model-{name}.onnx"
         if not out.is_file():
             facecls("export", run, "--out", out, "--no-progress", *extra)
@@ -150,28 +174,33 @@ def main() -> None:
     seconds: dict[str, list[float]] = {name: [] for name in sides}
     submissions = {name: workdir / f"submission-{i}.csv" for i, name in enumerate(sides)}
     for name, model in sides.items():  # warm-up: page cache, onnxruntime session, decoded files
-        predict_seconds(model, images, submissions[name], args.batch_size)
+        predict_seconds(name, model, images, submissions[name], args.batch_size)
     for _ in range(args.rounds):
         for name, model in sides.items():
-            seconds[name].append(predict_seconds(model, images, submissions[name], args.batch_size))
+            seconds[name].append(predict_seconds(name, model, images, submissions[name], args.batch_size))
     compute = model_only(sides, run, args.batch_size, max(5, args.rounds * 3))
 
     logs = {name: json.loads(path.with_name(path.stem + ".export.json").read_text()) for name, path in sides.items()
             if path.suffix == ".onnx"}  # fmt: skip
     n = len(truth)
-    base = statistics.median(seconds["facecls (PyTorch)"])
+    base = statistics.median(seconds[PYTORCH])
+    labels = {name: _labels(path) for name, path in submissions.items()}
     info = json.loads((run / "run.json").read_text())
     print(
         f"\nCPU: {cpu_text()}; {n} images ({info['model']}); batch {args.batch_size}; {args.rounds} rounds, "
         f"median; PyTorch side in the run's precision ({info['speed']['precision']})"
     )
-    print("\n| side | predict img/s (end to end) | vs facecls | model only img/s | accuracy on these images |")
-    print("|---|---|---|---|---|")
+    print(
+        "\n| side | predict img/s (end to end) | vs facecls (PyTorch) | model only img/s | accuracy on these images "
+        "| labels as PyTorch's |"
+    )
+    print("|---|---|---|---|---|---|")
     for name in sides:
         median = statistics.median(seconds[name])
+        same = sum(a == b for a, b in zip(labels[name], labels[PYTORCH], strict=True))
         print(
             f"| {name} | {n / median:.1f} | {base / median:.2f}x | {compute[name]:.1f} | "
-            f"{100 * accuracy(submissions[name], truth):.2f}% |"
+            f"{100 * accuracy(submissions[name], truth):.2f}% | {same}/{n} |"
         )
     print("\n| export | val top-1 PyTorch fp32 | ONNX fp32 | ONNX int8 | max abs logit diff (fp32) | file MB |")
     print("|---|---|---|---|---|---|")

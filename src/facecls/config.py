@@ -271,6 +271,10 @@ class SpeedConfig:
     compile_inference: bool | None = None
     """Prediction only: torch.compile the model with its weights frozen (6-27 s once, then 1.1-1.4x faster
     on CPU); null: on when predicting at least 5,000 images."""
+    inference_backend: str = "auto"
+    """Prediction and embedding: ``torch``, ``openvino`` (pip install "facecls[openvino]"), or ``auto``:
+    OpenVINO on a CPU with AMX for at least 1,000 images when it is installed (1.4-2.9x faster there,
+    benchmarks/RESULTS.md), else PyTorch."""
     pin_memory: bool | None = None
     """Pinned host memory for GPU transfers; null picks (on for CUDA)."""
 
@@ -279,6 +283,8 @@ class SpeedConfig:
             raise ValueError(f"speed.workers must be >= 0 (or null), got {self.workers}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"speed.threads must be >= 1 (or null), got {self.threads}")
+        if self.inference_backend not in ("auto", "torch", "openvino"):
+            raise ValueError(f"speed.inference_backend must be auto, torch or openvino, got {self.inference_backend!r}")
 
 
 @dataclass

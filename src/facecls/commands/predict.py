@@ -90,6 +90,7 @@ def predict_folder(
     margin: float = 0.0,
     batch_size: int = 128,
     compile_inference: bool | None = None,
+    backend: str | None = None,
     onnx_model: Path | None = None,
     progress: bool = True,
     tta: bool | None = None,
@@ -114,6 +115,8 @@ def predict_folder(
     if onnx_model is not None:
         if compile_inference:
             raise FaceclsError("--compile applies to the PyTorch backend; an ONNX model runs through onnxruntime")
+        if backend not in (None, "auto"):
+            raise FaceclsError("--backend applies to a run folder; an ONNX model runs through onnxruntime")
         if checkpoint != "best":
             raise FaceclsError("--checkpoint picks a run's checkpoint; an ONNX model is one (see export --checkpoint)")
         if unknown is not None:
@@ -144,6 +147,8 @@ def predict_folder(
     runtime = loaded.runtime
     if compile_inference is not None:
         runtime = dataclasses.replace(runtime, compile_inference=compile_inference)
+    if backend is not None:
+        runtime = dataclasses.replace(runtime, inference_backend=backend)
     loader = predict_loader(dataset, batch_size, runtime, indices)
     if onnx_model is not None:
         model = loaded.model

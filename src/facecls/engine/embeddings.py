@@ -190,7 +190,7 @@ def iter_embeddings(
     runtime = embedder.runtime
     if flip and runtime.compile_inference is None:
         runtime = replace(runtime, compile_inference=False)  # the doubled batch would need its own compile
-    model = inference_model(backbone, runtime, embedder.preprocess.input_size, total, batch_size * views)
+    model = inference_model(backbone, runtime, embedder.preprocess.input_size, total, batch_size * views, console)
     normalize = embedder.normalize
     bar = (console or Console(progress=False)).progress(description, total)
     try:
@@ -263,6 +263,8 @@ class EmbedOptions:
     margin: float = 0.0
     """Extra border around the aligned face, as a fraction of its size."""
     batch_size: int = 128
+    backend: str | None = None
+    """speed.inference_backend for this pass (auto, torch, openvino); None: the embedder's."""
 
 
 def stream_embeddings(
@@ -277,6 +279,8 @@ def stream_embeddings(
     is detected and aligned first (a photo without a face is embedded from a centre crop); undecodable files
     are found up front there, as a dataset given to `iter_embeddings` passes no statuses through."""
     batch_size, flip = options.batch_size, options.flip
+    if options.backend is not None:
+        embedder = replace(embedder, runtime=replace(embedder.runtime, inference_backend=options.backend))
     if not options.detect:
         for indices, vectors, statuses in iter_embeddings(
             embedder, paths, batch_size=batch_size, flip=flip, console=console, description=description

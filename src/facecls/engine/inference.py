@@ -4,6 +4,7 @@ runs for inference, and in-order batches of images."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from facecls.data.split import ManifestRow
 from facecls.data.transforms import Normalize
 from facecls.models.registry import FaceClassifier, create_model, default_flip_tta
 from facecls.runtime.distributed import DistEnv
+from facecls.runtime.openvino_backend import OpenVinoModule, use_openvino
 from facecls.runtime.speed import CompiledInference, Runtime, fold_batchnorm, resolve_runtime, use_compiled_inference
 
 
@@ -122,13 +124,37 @@ def inference_model(
     console: Console | None = None,
 ) -> torch.nn.Module:
     """``model`` in eval mode, with BatchNorm folded into the convolutions when speed.fold_batchnorm is on,
-    and compiled when speed.compile_inference says so for ``images`` images (see CompiledInference)."""
+    and compiled when speed.compile_inference says so for ``images`` images (see CompiledInference); or,
+    when speed.inference_backend picks OpenVINO for them, with its backbone running there (a classifier's
+    head stays in PyTorch)."""
+    if use_openvino(runtime.inference_backend, runtime.device, images):
+        try:
+            return _through_openvino(model.eval(), runtime, input_size, console)
+        except FaceclsError as exc:
+            if runtime.inference_backend == "openvino":  # asked for by name: say so rather than fall back
+                raise
+            if console is not None:
+                console.log(f"{exc}; predicting with PyTorch")
     model = fold_batchnorm(model, input_size) if runtime.fold_batchnorm else model.eval()
     model = model.to(memory_format=torch.channels_last if runtime.channels_last else torch.contiguous_format)
     if use_compiled_inference(runtime, images):
         if console is not None:
             console.log("compiling the model for prediction (once; speed.compile_inference=false turns it off)")
         model = CompiledInference(model, batch_size)
+    return model
+
+
+def _through_openvino(model: torch.nn.Module, runtime: Runtime, input_size: int, console: Console | None):
+    threads = torch.get_num_threads()
+    if isinstance(model, FaceClassifier):
+        backbone = OpenVinoModule(model.backbone, input_size, runtime.precision, threads)
+        model = copy.copy(model)  # the caller's model keeps its own backbone
+        model._modules = {**model._modules, "backbone": backbone}  # (a shallow copy shares this dict)
+    else:
+        model = OpenVinoModule(model, input_size, runtime.precision, threads)
+    if console is not None:
+        precision = "bf16" if runtime.precision == "bf16" else "fp32"
+        console.log(f"predicting through OpenVINO ({precision}; PyTorch: --backend torch or speed.inference_backend)")
     return model
 
 

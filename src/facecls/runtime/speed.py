@@ -44,6 +44,7 @@ class Runtime:
     fold_batchnorm: bool = False
     compile_inference: bool | None = None
     depthwise_fp32_input_grad: bool = False
+    inference_backend: str = "auto"
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -124,6 +125,7 @@ def resolve_runtime(config: SpeedConfig, device: str | None = None, local_rank: 
         fold_batchnorm=config.fold_batchnorm,
         compile_inference=config.compile_inference,
         depthwise_fp32_input_grad=config.depthwise_fp32_input_grad and device == "cpu" and precision == "bf16",
+        inference_backend=config.inference_backend,
     )
 
 
