@@ -195,3 +195,18 @@ def test_embeddings_scale_benchmark_reports_its_row(tmp_path):
     assert cells[0] == "6 x 10 at 112 px"
     assert float(cells[1].split()[0]) > 0 and "epochs in" in cells[2] and cells[4].endswith("GiB")
     assert "amx" in result.stdout or "avx512_bf16" in result.stdout or "other" in result.stdout  # the CPU kind
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="pip install 'facecls[openvino]'")
+def test_inference_backends_benchmark_times_both_sides(tmp_path):
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "inference_backends.py"),
+        "--configs", "mobilenet_v2@32", "--batch", "4", "--repeats", "1",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = result.stdout.strip().splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:2] == ["mobilenet_v2", "32"]
+    assert float(cells[3]) > 0 and float(cells[4]) > 0 and cells[7].endswith("/4")
+    assert result.stdout.startswith("CPU: ")
