@@ -33,25 +33,31 @@ from facecls.runtime.speed import resolve_runtime, use_cpu_threads
 CONFIGS = ("sface@112", "mobilenet_v2@112", "inception_resnet_v1@160", "resnet50@224")
 
 
-def measure(name: str, size: int, batch: int, repeats: int) -> dict:
+def measure(name: str, size: int, batch: int, repeats: int, compiled: bool) -> dict:
     torch.manual_seed(0)
     model = create_model(name, 100).eval()
     runtime = resolve_runtime(SpeedConfig(), "cpu")
     x = torch.randn(batch, 3, size, size)
-    started = time.perf_counter()
-    sides = {"torch": inference_model(model, replace(runtime, inference_backend="torch"), size, batch, batch)}
-    torch_setup = time.perf_counter() - started
-    started = time.perf_counter()
-    sides["openvino"] = inference_model(model, replace(runtime, inference_backend="openvino"), size, batch, batch)
-    openvino_setup = time.perf_counter() - started
+    settings = {
+        "torch": replace(runtime, inference_backend="torch", compile_inference=False),
+        "compiled": replace(runtime, inference_backend="torch", compile_inference=True),
+        "openvino": replace(runtime, inference_backend="openvino"),
+    }
+    if not compiled:
+        del settings["compiled"]
     layout = torch.channels_last if runtime.channels_last else torch.contiguous_format
+    sides, setup, labels = {}, {}, {}
 
     @torch.inference_mode()
     def call(side: str) -> torch.Tensor:
         with runtime.autocast():
             return sides[side](x.contiguous(memory_format=layout)).float()
 
-    labels = {side: call(side).argmax(1) for side in sides}  # also the warm-up
+    for side, setting in settings.items():  # set-up includes the first call: compilation happens there
+        started = time.perf_counter()
+        sides[side] = inference_model(model, setting, size, batch, batch)
+        labels[side] = call(side).argmax(1)
+        setup[side] = time.perf_counter() - started
     times: dict[str, list[float]] = {side: [] for side in sides}
     for _ in range(repeats):
         for side in sides:
@@ -60,14 +66,10 @@ def measure(name: str, size: int, batch: int, repeats: int) -> dict:
             times[side].append(time.perf_counter() - start)
     speed = {side: batch / statistics.median(values) for side, values in times.items()}
     return {
-        "config": f"{name}@{size}",
         "precision": runtime.precision,
-        "torch": speed["torch"],
-        "openvino": speed["openvino"],
-        "torch_setup_s": torch_setup,
-        "openvino_setup_s": openvino_setup,
+        "speed": speed,
+        "setup_s": setup,
         "same_labels": int((labels["torch"] == labels["openvino"]).sum()),
-        "batch": batch,
     }
 
 
@@ -76,19 +78,27 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), metavar="MODEL@PX")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--compiled", action="store_true", help="also PyTorch compiled (torch.compile, frozen weights: 10-60 s each)"
+    )
     args = parser.parse_args()
     # The environment the `facecls` command gives itself (jemalloc, sleeping OpenMP threads).
     reexec_with_jemalloc([str(Path(__file__).resolve()), *sys.argv[1:]])
     use_cpu_threads(resolve_runtime(SpeedConfig(), "cpu"))
     print(f"CPU: {cpu_text()}; torch {torch.__version__}; batch {args.batch}; median of {args.repeats}")
-    print("\n| model | px | precision | PyTorch img/s | OpenVINO img/s | x | OpenVINO set-up s | same labels |")
-    print("|---|---|---|---|---|---|---|---|")
+    sides = ("torch", "compiled", "openvino") if args.compiled else ("torch", "openvino")
+    names = {"torch": "PyTorch", "compiled": "PyTorch compiled", "openvino": "OpenVINO"}
+    header = " | ".join(f"{names[s]} img/s (set-up s)" for s in sides)
+    print(f"\n| model | px | precision | {header} | OpenVINO / PyTorch | same labels |")
+    print("|---|---|---|" + "---|" * len(sides) + "---|---|")
     for config in args.configs:
         name, _, px = config.partition("@")
-        r = measure(name, int(px), args.batch, args.repeats)
+        r = measure(name, int(px), args.batch, args.repeats, args.compiled)
+        cells = " | ".join(f"{r['speed'][s]:.1f} ({r['setup_s'][s]:.1f})" for s in sides)
+        best_torch = max(r["speed"][s] for s in sides if s != "openvino")
         print(
-            f"| {name} | {px} | {r['precision']} | {r['torch']:.1f} | {r['openvino']:.1f} | "
-            f"{r['openvino'] / r['torch']:.2f} | {r['openvino_setup_s']:.1f} | {r['same_labels']}/{r['batch']} |",
+            f"| {name} | {px} | {r['precision']} | {cells} | {r['speed']['openvino'] / best_torch:.2f} | "
+            f"{r['same_labels']}/{args.batch} |",
             flush=True,
         )
 
