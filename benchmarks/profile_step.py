@@ -7,7 +7,8 @@ threads) and with the runtime's own choices (bf16 autocast where the CPU compute
 threads, loader workers). After ``--warmup`` steps, ``--steps`` steps run under the profiler; the tables
 give milliseconds per step: the top operators by self CPU time, and the step split into convolution
 (oneDNN forward and backward), linear layers, BatchNorm / activations / other elementwise ops, dtype and
-memory-format copies, the optimizer (step and zero_grad), other operators, and time outside any operator
+memory-format copies, the optimizer (step and zero_grad), compiled (inductor) kernels, other operators, and
+time outside any operator
 (Python, waiting for the loader). The profiler adds a little to each operator call, so many small
 operators weigh a bit more here than in an unprofiled step.
 
@@ -35,6 +36,7 @@ CATEGORIES = (
     "dtype and memory-format copies",
     "optimizer (step + zero_grad)",
     "next batch from the loader",
+    "compiled (inductor) kernels",
     "other operators, autograd engine",
     "outside operators (Python)",
 )
@@ -69,8 +71,10 @@ def category(name: str, in_optimizer: bool) -> str:
         return CATEGORIES[4]
     if name.startswith("enumerate(DataLoader)"):
         return CATEGORIES[5]
-    if not name.startswith("aten::"):
+    if "CompiledFxGraph" in name:  # speed.compile's graphs, or the compiled PReLU (runtime.cpu_kernels)
         return CATEGORIES[6]
+    if not name.startswith("aten::"):
+        return CATEGORIES[7]
     op = name.removeprefix("aten::").lstrip("_").removeprefix("native_")
     if "conv" in op:
         return CATEGORIES[0]
@@ -80,7 +84,7 @@ def category(name: str, in_optimizer: bool) -> str:
         return CATEGORIES[3]
     if op.startswith(_ELEMENTWISE):
         return CATEGORIES[2]
-    return CATEGORIES[6]
+    return CATEGORIES[7]
 
 
 def summarize(events, steps: int) -> dict:
@@ -98,7 +102,7 @@ def summarize(events, steps: int) -> dict:
             continue
         if event.name.startswith("ProfilerStep"):
             step_us += event.cpu_time_total
-            shares[CATEGORIES[7]] += event.self_cpu_time_total
+            shares[CATEGORIES[8]] += event.self_cpu_time_total
             continue
         ops[event.name][0] += event.self_cpu_time_total
         ops[event.name][1] += 1
@@ -117,7 +121,8 @@ def markdown(name: str, size: int, batch_size: int, runtime: dict, summary: dict
         f"under the profiler; {steps} profiled step(s))",
         "",
         "runtime: " + ", ".join(f"{k} {runtime[k]}" for k in ("precision", "channels_last", "compile", "threads")),
-        f"workers {runtime['workers']}, depthwise_fp32_input_grad {runtime['depthwise_fp32_input_grad']}",
+        f"workers {runtime['workers']}, depthwise_fp32_input_grad {runtime['depthwise_fp32_input_grad']}, "
+        f"compiled_prelu {runtime.get('compiled_prelu', False)}",
         "",
         "| operator | self CPU ms per step | % of step | calls per step |",
         "|---|---|---|---|",

@@ -1,11 +1,18 @@
 """CPU bf16 work-arounds: same results as the plain layers, switchable, recorded."""
 
+import shutil
+
 import torch
 from torch import nn
 from torchvision.models import mobilenet_v2
 
 from facecls.config import SpeedConfig
-from facecls.runtime.cpu_kernels import DepthwiseConvFp32InputGrad, use_fp32_input_grad_for_strided_depthwise
+from facecls.runtime.cpu_kernels import (
+    CompiledPReLU,
+    DepthwiseConvFp32InputGrad,
+    use_compiled_prelu,
+    use_fp32_input_grad_for_strided_depthwise,
+)
 from facecls.runtime.speed import prepare_training_model, resolve_runtime
 
 
@@ -59,3 +66,74 @@ def test_prepare_training_model_applies_it_only_for_cpu_bf16_and_when_on():
         counts.append(sum(isinstance(m, DepthwiseConvFp32InputGrad) for m in model.modules()))
         assert model.features[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     assert counts == [4, 0, 0]
+
+
+def _prelu_grads(prelu: nn.Module, x: torch.Tensor, autocast: bool):
+    x = x.detach().clone().requires_grad_()
+    prelu.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = prelu(x)
+    (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out.float(), x.grad.float(), prelu.weight.grad.float()
+
+
+def test_compiled_prelu_matches_the_plain_layer_in_fp32_and_bf16():
+    torch.manual_seed(0)
+    plain = nn.PReLU(8)
+    nn.init.uniform_(plain.weight, 0.1, 0.4)
+    switched = nn.Sequential(nn.PReLU(8))
+    switched[0].load_state_dict(plain.state_dict())
+    keys = list(switched.state_dict())
+    assert use_compiled_prelu(switched) == (1, None)
+    assert isinstance(switched[0], CompiledPReLU) and list(switched.state_dict()) == keys
+    for shape in ((4, 8, 10, 10), (3, 8)):  # feature maps, and an embedding vector
+        x = torch.randn(shape)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        want, got = _prelu_grads(plain, x, autocast=False), _prelu_grads(switched[0], x, autocast=False)
+        for a, b in zip(want, got, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        want, got = _prelu_grads(plain, x, autocast=True), _prelu_grads(switched[0], x, autocast=True)
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)  # the same bf16 values
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+        torch.testing.assert_close(got[2], want[2], rtol=2e-2, atol=2e-2)  # a sum of bf16 products
+    with torch.no_grad():  # inference takes the plain op
+        x = torch.randn(2, 8, 3, 3)
+        assert torch.equal(switched[0](x), plain(x))
+
+
+def test_compiled_prelu_compiles_once_for_every_channel_count_and_batch():
+    """Dynamo gives parameters static shapes: passed as the Parameter, the weight would cost a compilation
+    per channel count (SFace has six) and hit dynamo's limit of eight."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    for channels, batch, side in ((16, 4, 40), (32, 3, 40), (64, 5, 40), (128, 2, 40), (256, 7, 40)):
+        layer = nn.PReLU(channels)
+        layer.__class__ = CompiledPReLU
+        x = torch.randn(batch, channels, side, side).contiguous(memory_format=torch.channels_last)
+        layer(x.requires_grad_()).sum().backward()
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
+def test_compiled_prelu_is_used_only_where_the_backbone_trains(tmp_path, faces_data, monkeypatch):
+    from facecls.config import load_recipe
+    from facecls.engine.builder import build_training
+
+    monkeypatch.setenv("FACECLS_CACHE", str(tmp_path / "cache"))
+    for i in (1, 2, 3):
+        shutil.copytree(faces_data / "orl" / f"s{i}", tmp_path / "data" / "train" / f"s{i}")
+    base = ["data.input_size=32", "data.resize=32", "train.batch_size=4", "speed.workers=0"]
+    fine_tune = ["model.head.kind=linear", "train.unfreeze=all", "train.epochs=2"]
+
+    def prelus(overrides: list[str]) -> set[type]:
+        recipe = load_recipe("sface", [*base, *overrides])
+        setup = build_training(recipe, tmp_path / "data", resolve_runtime(recipe.speed, "cpu"), offline=True)
+        kinds = {type(m) for m in setup.model.modules() if isinstance(m, nn.PReLU)}
+        assert kinds
+        return kinds
+
+    assert prelus(fine_tune) == {CompiledPReLU}
+    assert prelus([]) == {nn.PReLU}  # the recipe as it is: a head on stored features, the backbone never trains
+    assert prelus([*fine_tune, "speed.compiled_prelu=false"]) == {nn.PReLU}

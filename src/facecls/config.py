@@ -266,6 +266,9 @@ class SpeedConfig:
     depthwise_fp32_input_grad: bool = True
     """CPU bf16 training: strided depthwise convolutions compute their input gradient in fp32 (oneDNN's bf16
     kernel for it is 3-50x slower without AMX; MobileNetV2 trains 1.4x faster)."""
+    compiled_prelu: bool = True
+    """CPU training: PReLU layers (SFace's) run forward and backward as compiled kernels once the backbone
+    trains (ATen's backward is 2.8x slower; a compilation of about 6 s, once per process)."""
     fold_batchnorm: bool = True
     """Prediction only: fold each BatchNorm into the convolution before it (checked on a probe batch)."""
     compile_inference: bool | None = None

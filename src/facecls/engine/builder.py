@@ -23,6 +23,7 @@ from facecls.data.split import ManifestRow, class_names_from, manifest_sha256
 from facecls.data.transforms import Normalize
 from facecls.models.registry import FaceClassifier, create_model, default_flip_tta, get_entry, get_weight_spec
 from facecls.models.weights import load_backbone_weights, read_state_dict, resolve_weights_file
+from facecls.runtime.cpu_kernels import use_compiled_prelu
 from facecls.runtime.distributed import DistEnv, convert_sync_batchnorm
 from facecls.runtime.speed import Runtime, prepare_training_model
 
@@ -302,6 +303,12 @@ def build_training(
     if recipe.train.sync_bn and env.enabled:
         model = convert_sync_batchnorm(model, runtime.device)
     model = prepare_training_model(model, runtime)
+    if runtime.compiled_prelu and recipe.train.unfreeze != "none" and recipe.train.epochs > recipe.train.frozen_epochs:
+        switched, why_not = use_compiled_prelu(model)
+        if why_not:
+            console.warn(f"PReLU layers train uncompiled (slower): {why_not}")
+        elif switched:
+            console.log(f"{switched} PReLU layers compiled for training (speed.compiled_prelu=false: ATen's kernels)")
     normalize = Normalize(data.preprocess.mean, data.preprocess.std, runtime.channels_last).to(runtime.device)
     optimizer = build_optimizer(model, recipe)
     loaders = {"workers": runtime.workers, "pin_memory": runtime.pin_memory}

@@ -9,9 +9,14 @@ and the weight gradient are fast. Measured on the 2-core AVX512-BF16 machine, ba
     576 x 7                      0.2 ms         15.1 ms           0.3 ms
 
 So those layers keep their bf16 forward and weight gradient, and compute the input gradient in fp32.
+
+PReLU's backward is slow in ATen on any CPU kind: CompiledPReLU runs it as a compiled kernel (below).
 """
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -79,3 +84,61 @@ def use_fp32_input_grad_for_strided_depthwise(model: nn.Module) -> int:
             module.__class__ = DepthwiseConvFp32InputGrad
             switched += 1
     return switched
+
+
+# PReLU in training (SFace has 27): ATen's CPU kernel for its backward is a slow generic loop. Measured on
+# the 2-core AMX Xeon, bf16, channels_last, 64 x 64 x 56 x 56: forward + backward 57 ms in ATen, 15 ms as
+# inductor-generated kernels, less than ReLU's 17 ms in ATen. SFace's training step spent 37% of its time
+# in PReLU's backward (benchmarks/RESULTS.md, session 6 profile). Written with where() rather than
+# F.prelu, whose weight-size check makes dynamo compile once per channel count (8 recompilations in SFace,
+# then its limit); this way two compilations (about 5 s) serve every layer and batch size.
+def _prelu_where(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    weight = weight.to(x.dtype).view([1, -1] + [1] * (x.dim() - 2))
+    return torch.where(x > 0, x, x * weight)
+
+
+_compiled_prelu = None
+
+
+def _prelu() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    global _compiled_prelu
+    if _compiled_prelu is None:
+        # Its first compilation warns that no CUDA runtime was found: noise for a CPU kernel.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        _compiled_prelu = torch.compile(_prelu_where, dynamic=True)
+    return _compiled_prelu
+
+
+class CompiledPReLU(nn.PReLU):
+    """``nn.PReLU`` whose forward and backward run compiled while gradients are on (training); inference,
+    tracing and export take the plain op. Same parameter and state-dict keys; the same outputs up to the
+    rounding of the weight gradient's sum."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return super().forward(x)
+        if torch.is_autocast_enabled(x.device.type):  # autocast runs prelu in its lower precision
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        # A view, not the Parameter: dynamo gives parameters static shapes, which would mean one
+        # compilation per channel count.
+        return _prelu()(x, self.weight.view(-1))
+
+
+def use_compiled_prelu(model: nn.Module) -> tuple[int, str | None]:
+    """Switch every ``nn.PReLU`` of ``model`` to :class:`CompiledPReLU` (in place), once a forward and
+    backward through the compiled op have worked here in fp32 and in bf16 (inductor needs a C++ compiler).
+    Returns (how many were switched, None) or (0, why not)."""
+    prelus = [m for m in model.modules() if type(m) is nn.PReLU]
+    if not prelus:
+        return 0, None
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(2, 4, 6, 6, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+            weight = torch.full((4,), 0.25, dtype=dtype, requires_grad=True)
+            _prelu()(x, weight).sum().backward()
+    except Exception as exc:  # noqa: BLE001 - any compiler failure: train with the plain op
+        lines = str(exc).strip().splitlines()
+        return 0, f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+    for module in prelus:
+        module.__class__ = CompiledPReLU
+    return len(prelus), None

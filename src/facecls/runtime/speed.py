@@ -45,6 +45,7 @@ class Runtime:
     compile_inference: bool | None = None
     depthwise_fp32_input_grad: bool = False
     inference_backend: str = "auto"
+    compiled_prelu: bool = False
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -126,6 +127,7 @@ def resolve_runtime(config: SpeedConfig, device: str | None = None, local_rank: 
         compile_inference=config.compile_inference,
         depthwise_fp32_input_grad=config.depthwise_fp32_input_grad and device == "cpu" and precision == "bf16",
         inference_backend=config.inference_backend,
+        compiled_prelu=config.compiled_prelu and device == "cpu",
     )
 
 
