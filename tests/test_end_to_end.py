@@ -112,7 +112,7 @@ def test_train_evaluate_predict_score_compare(orl_data, tmp_path, capsys):
     through_openvino = tmp_path / "openvino.csv"
     args = ["--out", str(through_openvino), "--backend", "openvino", "--no-progress"]
     assert main(["predict", str(run), "--images", str(orl_data / "test"), *args]) == 0
-    assert "predicting through OpenVINO" in capsys.readouterr().err
+    assert "the backbone runs through OpenVINO" in capsys.readouterr().err
     with open(through_openvino) as handle:
         openvino_rows = list(csv.reader(handle))
     same = sum(a == b for a, b in zip(openvino_rows[1:], sub_rows[1:], strict=True))

@@ -90,7 +90,7 @@ def test_auto_falls_back_to_pytorch_when_conversion_fails_and_a_named_backend_sa
     model = create_model("mobilenet_v2", 5).eval()
     fallback = inference_model(model, _fp32_runtime("auto"), SIZE, images=10, console=Console(progress=False))
     assert not isinstance(fallback.backbone, OpenVinoModule)
-    assert "could not convert the model: no such op; predicting with PyTorch" in capsys.readouterr().err
+    assert "could not convert the model: no such op; running it in PyTorch" in capsys.readouterr().err
     with pytest.raises(FaceclsError, match="could not convert"):
         inference_model(model, _fp32_runtime("openvino"), SIZE, images=1)
 

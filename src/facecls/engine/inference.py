@@ -134,7 +134,7 @@ def inference_model(
             if runtime.inference_backend == "openvino":  # asked for by name: say so rather than fall back
                 raise
             if console is not None:
-                console.log(f"{exc}; predicting with PyTorch")
+                console.log(f"{exc}; running it in PyTorch")
     model = fold_batchnorm(model, input_size) if runtime.fold_batchnorm else model.eval()
     model = model.to(memory_format=torch.channels_last if runtime.channels_last else torch.contiguous_format)
     if use_compiled_inference(runtime, images):
@@ -154,7 +154,7 @@ def _through_openvino(model: torch.nn.Module, runtime: Runtime, input_size: int,
         model = OpenVinoModule(model, input_size, runtime.precision, threads)
     if console is not None:
         precision = "bf16" if runtime.precision == "bf16" else "fp32"
-        console.log(f"predicting through OpenVINO ({precision}; PyTorch: --backend torch or speed.inference_backend)")
+        console.log(f"the backbone runs through OpenVINO ({precision}; speed.inference_backend=torch for PyTorch)")
     return model
 
 
