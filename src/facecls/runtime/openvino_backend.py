@@ -3,15 +3,15 @@
 Measured on a 2-core Xeon with AMX (benchmarks/RESULTS.md, ``benchmarks/inference_backends.py``): OpenVINO's
 CPU plugin in bf16 ran the models 1.7x (SFace) to 2.7x (MobileNetV2) faster than facecls's own PyTorch path
 (bf16 autocast, channels_last, BatchNorm folded) on the same batches, with the same labels, and 1.0-1.4x
-faster than that path compiled by inductor, after 2-4x less set-up. It fuses
-convolution, BatchNorm and activation into one AMX kernel, which PyTorch's eager mode does not. Only the
-backbone is converted (``ov.convert_model``, 1-2 s): heads stay in PyTorch, so every head kind works, and flip
-TTA's doubled batch is just a larger batch (the converted model takes any batch size).
+faster than that path compiled by inductor, after 2-4x less set-up. It fuses convolution, BatchNorm and
+activation into one AMX kernel, which PyTorch's eager mode does not. Only the backbone is converted
+(``ov.convert_model``, 1.4-4 s): heads stay in PyTorch, so every head kind works, and flip TTA's doubled
+batch is just a larger batch (the converted model takes any batch size).
 
-The choice is ``speed.inference_backend`` (``--backend`` on predict and embed): ``torch``, ``openvino``, or
-``auto``: OpenVINO when it is installed (``pip install "facecls[openvino]"``), the device is the CPU, the CPU
-has AMX (where it was measured) and the job has at least OPENVINO_MIN_IMAGES images (below that the
-conversion costs about what it saves)."""
+The choice is ``speed.inference_backend`` (``--backend`` on predict, embed, verify and enrol): ``torch``,
+``openvino``, or ``auto``: OpenVINO when it is installed (``pip install "facecls[openvino]"``), the device is
+the CPU, the CPU has AMX (where it was measured) and the job has at least OPENVINO_MIN_IMAGES images (below
+that the conversion costs about what it saves)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ from facecls.core.errors import FaceclsError
 from facecls.runtime.allocator import jemalloc_loaded
 from facecls.runtime.machine import cpu_info
 
-BACKENDS = ("auto", "torch", "openvino")
 OPENVINO_MIN_IMAGES = 1000
 """Conversion takes 1.4-3.9 s and saves 0.8 (MobileNetV2 at 112 px) to 8.3 ms (ResNet-50 at 224 px) per image
 and view: about break-even here for the small models, a clear gain for the large ones."""
