@@ -8,6 +8,13 @@ class FaceclsError(Exception):
     """
 
 
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 200 characters): a library's failure, in one line of a log
+    or an error message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+
+
 class Stopped(FaceclsError):
     """A run stopped on request (SIGINT, SIGTERM) with its progress saved: the CLI prints the message
     (how to resume) on one line and exits with 128 + the signal number (130, 143), as a shell does."""

@@ -15,11 +15,14 @@ PReLU's backward is slow in ATen on any CPU kind: CompiledPReLU runs it as a com
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from facecls.core.errors import first_line
 
 
 class _DepthwiseConvFp32InputGrad(torch.autograd.Function):
@@ -97,16 +100,11 @@ def _prelu_where(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, x, x * weight)
 
 
-_compiled_prelu = None
-
-
+@functools.cache
 def _prelu() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    global _compiled_prelu
-    if _compiled_prelu is None:
-        # Its first compilation warns that no CUDA runtime was found: noise for a CPU kernel.
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        _compiled_prelu = torch.compile(_prelu_where, dynamic=True)
-    return _compiled_prelu
+    # Its first compilation warns that no CUDA runtime was found: noise for a CPU kernel.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    return torch.compile(_prelu_where, dynamic=True)
 
 
 class CompiledPReLU(nn.PReLU):
@@ -137,8 +135,7 @@ def use_compiled_prelu(model: nn.Module) -> tuple[int, str | None]:
             weight = torch.full((4,), 0.25, dtype=dtype, requires_grad=True)
             _prelu()(x, weight).sum().backward()
     except Exception as exc:  # noqa: BLE001 - any compiler failure: train with the plain op
-        lines = str(exc).strip().splitlines()
-        return 0, f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+        return 0, first_line(exc)
     for module in prelus:
         module.__class__ = CompiledPReLU
     return len(prelus), None

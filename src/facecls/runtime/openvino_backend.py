@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from facecls.core.errors import FaceclsError
+from facecls.core.errors import FaceclsError, first_line
 from facecls.runtime.allocator import jemalloc_loaded
 from facecls.runtime.machine import cpu_info
 
@@ -86,10 +86,8 @@ class OpenVinoModule(nn.Module):
             }
             self.compiled = ov.Core().compile_model(converted, "CPU", config)
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own types for unsupported graphs
-            lines = str(exc).strip().splitlines()
-            raise FaceclsError(f"OpenVINO could not convert the model: {lines[0][:200] if lines else exc!r}") from None
+            raise FaceclsError(f"OpenVINO could not convert the model: {first_line(exc)}") from None
         self.request = self.compiled.create_infer_request()
-        self.precision = "bf16" if precision == "bf16" else "fp32"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.request.infer({0: x.detach().float().contiguous().numpy()})

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from facecls.config import SpeedConfig
-from facecls.core.errors import FaceclsError
+from facecls.core.errors import FaceclsError, first_line
 from facecls.runtime.machine import available_cpus, cpu_info
 
 
@@ -237,13 +237,8 @@ class CompiledInference(nn.Module):
             with torch._inductor.config.patch(freezing=True):
                 return self.compiled(x)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: predict on, uncompiled
-            self.failure = _first_line(exc)
+            self.failure = first_line(exc)
             return self.eager(x)
-
-
-def _first_line(exc: Exception) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
 
 
 def use_compiled_inference(runtime: Runtime, images: int) -> bool:
