@@ -120,6 +120,11 @@ def uses_stored_features(train: TrainConfig) -> bool:
     return train.feature_views > 0 and (train.frozen_epochs > 0 or train.unfreeze == "none")
 
 
+def finetune_epochs(train: TrainConfig) -> int:
+    """Epochs in which the backbone trains, after the head alone (0 with train.unfreeze: none)."""
+    return 0 if train.unfreeze == "none" else train.epochs - train.frozen_epochs
+
+
 def backbone_never_trains(train: TrainConfig) -> bool:
     """The head trains on stored features and the backbone stays frozen throughout: the run's backbone is
     the pretrained one, so evaluating it can read (and fill) the same feature stores."""
@@ -303,7 +308,7 @@ def build_training(
     if recipe.train.sync_bn and env.enabled:
         model = convert_sync_batchnorm(model, runtime.device)
     model = prepare_training_model(model, runtime)
-    if runtime.compiled_prelu and recipe.train.unfreeze != "none" and recipe.train.epochs > recipe.train.frozen_epochs:
+    if runtime.compiled_prelu and finetune_epochs(recipe.train) > 0:
         switched, why_not = use_compiled_prelu(model)
         if why_not:
             console.warn(f"PReLU layers train uncompiled (slower): {why_not}")

@@ -26,7 +26,7 @@ from facecls.core.checkpoint import load_model_state, rng_state, set_rng_state
 from facecls.core.console import Console
 from facecls.core.errors import Stopped
 from facecls.core.run_folder import RunFolder
-from facecls.engine.builder import TrainingSetup, set_phase, uses_stored_features
+from facecls.engine.builder import TrainingSetup, finetune_epochs, set_phase, uses_stored_features
 from facecls.engine.steps import RunningStats, StepContext, evaluate, train_one_epoch
 from facecls.runtime.distributed import barrier
 
@@ -519,7 +519,7 @@ def recipe_phases(setup: TrainingSetup) -> list[Phase]:
     """The recipe's schedule: the head alone (on stored features when uses_stored_features, else
     ``frozen_epochs`` over the images), then fine-tuning (none with train.unfreeze: none)."""
     t = setup.recipe.train
-    finetune = 0 if t.unfreeze == "none" else t.epochs - t.frozen_epochs
+    finetune = finetune_epochs(t)
     if uses_stored_features(t):
         head = StoredFeaturePhase(t, fitted=getattr(setup.model.head, "fits_without_gradients", False))
         if not finetune:
@@ -537,7 +537,7 @@ def schedule_over(train: TrainConfig, checkpoint: dict) -> bool:
         phase = StoredFeaturePhase(train)
         phase.load_state_dict(checkpoint.get("phases", {}).get(StoredFeaturePhase.name, {}))
         head = phase.progress
-        finetune = 0 if train.unfreeze == "none" else train.epochs - train.frozen_epochs
+        finetune = finetune_epochs(train)
         return head.done and int(checkpoint["epoch"]) >= head.epochs + finetune
     return int(checkpoint["epoch"]) >= train.epochs
 
