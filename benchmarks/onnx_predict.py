@@ -60,24 +60,25 @@ def image_folder(run: Path, out: Path, limit: int | None) -> dict[str, str]:
     return truth
 
 
-def _labels(submission: Path) -> list[str]:
+def submission_rows(submission: Path) -> list[dict[str, str]]:
     with open(submission, newline="", encoding="utf-8") as handle:
-        return [row["label"] for row in csv.DictReader(handle)]
+        return list(csv.DictReader(handle))
 
 
 def accuracy(submission: Path, truth: dict[str, str]) -> float:
-    with open(submission, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = submission_rows(submission)
     return sum(truth[r["image_name"]] == r["label"] for r in rows) / len(rows)
 
 
 PYTORCH, OPENVINO = "facecls (PyTorch)", "facecls (OpenVINO)"
+BACKEND = {PYTORCH: "torch", OPENVINO: "openvino"}
+"""The sides that predict from the run folder, and the backend each asks for."""
 
 
 def predict_seconds(name: str, model: Path, images: Path, out: Path, batch_size: int) -> float:
     from facecls.commands.predict import predict_folder
 
-    backend = {PYTORCH: "torch", OPENVINO: "openvino"}.get(name)
+    backend = BACKEND.get(name)
     start = time.perf_counter()
     predict_folder(model, images, out, batch_size=batch_size, compile_inference=None, backend=backend, progress=False)
     return time.perf_counter() - start
@@ -97,7 +98,7 @@ def model_only(sides: dict[str, Path], run: Path, batch: int, repeats: int) -> d
     )
     x = loaded.normalize(images)
     callables = {}
-    for name, backend in ((PYTORCH, "torch"), (OPENVINO, "openvino")):
+    for name, backend in BACKEND.items():
         if name in sides:
             model = inference_model(loaded.model, replace(loaded.runtime, inference_backend=backend), size)
 
@@ -184,7 +185,7 @@ def main() -> None:
             if path.suffix == ".onnx"}  # fmt: skip
     n = len(truth)
     base = statistics.median(seconds[PYTORCH])
-    labels = {name: _labels(path) for name, path in submissions.items()}
+    labels = {name: [row["label"] for row in submission_rows(path)] for name, path in submissions.items()}
     info = json.loads((run / "run.json").read_text())
     print(
         f"\nCPU: {cpu_text()}; {n} images ({info['model']}); batch {args.batch_size}; {args.rounds} rounds, "

@@ -16,13 +16,14 @@ from facecls.runtime.cpu_kernels import (
 from facecls.runtime.speed import prepare_training_model, resolve_runtime
 
 
-def _grads(conv: nn.Module, x: torch.Tensor, autocast: bool):
+def _grads(layer: nn.Module, x: torch.Tensor, autocast: bool):
+    """The layer's output and the gradients of its input and of each parameter (in ``parameters()`` order)."""
     x = x.detach().clone().requires_grad_()
-    conv.zero_grad(set_to_none=True)
+    layer.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = conv(x)
+        out = layer(x)
     (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-    return out.float(), x.grad.float(), conv.weight.grad.float(), conv.bias.grad.float()
+    return out.float(), x.grad.float(), *(p.grad.float() for p in layer.parameters())
 
 
 def test_strided_depthwise_matches_the_plain_convolution():
@@ -68,15 +69,6 @@ def test_prepare_training_model_applies_it_only_for_cpu_bf16_and_when_on():
     assert counts == [4, 0, 0]
 
 
-def _prelu_grads(prelu: nn.Module, x: torch.Tensor, autocast: bool):
-    x = x.detach().clone().requires_grad_()
-    prelu.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = prelu(x)
-    (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-    return out.float(), x.grad.float(), prelu.weight.grad.float()
-
-
 def test_compiled_prelu_matches_the_plain_layer_in_fp32_and_bf16():
     torch.manual_seed(0)
     plain = nn.PReLU(8)
@@ -90,10 +82,10 @@ def test_compiled_prelu_matches_the_plain_layer_in_fp32_and_bf16():
         x = torch.randn(shape)
         if x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        want, got = _prelu_grads(plain, x, autocast=False), _prelu_grads(switched[0], x, autocast=False)
+        want, got = _grads(plain, x, autocast=False), _grads(switched[0], x, autocast=False)
         for a, b in zip(want, got, strict=True):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-        want, got = _prelu_grads(plain, x, autocast=True), _prelu_grads(switched[0], x, autocast=True)
+        want, got = _grads(plain, x, autocast=True), _grads(switched[0], x, autocast=True)
         torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)  # the same bf16 values
         torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
         torch.testing.assert_close(got[2], want[2], rtol=2e-2, atol=2e-2)  # a sum of bf16 products
