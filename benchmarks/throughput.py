@@ -61,7 +61,7 @@ from facecls.runtime.speed import CompiledInference, resolve_runtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sides import FACECLS, NAIVE, NAIVE_ALLOC, SideProcess, interleaved, serve, side_environment  # noqa: E402
-from timm_side import VARIANTS, find_timm, run_timm, timm_version  # noqa: E402
+from timm_side import VARIANTS, find_timm, run_timm, timm_flags, timm_version  # noqa: E402
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 CELEB24 = CHECKOUT.parent / "shared" / "data" / "celeb24"
@@ -597,6 +597,7 @@ def timm_setup(args) -> tuple:
         "python": side.python,
         **version,
         "workers": side.workers,
+        "flags": list(timm_flags()),
         "variants": list(VARIANTS[side.compile]),
         "extra": list(side.extra),
         "environment": {k.lower(): environment.get(k, "") for k in ("LD_PRELOAD", "MALLOC_CONF", "OMP_WAIT_POLICY")},
@@ -606,10 +607,11 @@ def timm_setup(args) -> tuple:
 def timm_text(timm: dict) -> str:
     if timm.get("status") != "ok":
         return timm.get("status", "not run")
+    flags = timm.get("flags", ["--amp --amp-dtype bfloat16 --channels-last"])  # runs before flags were recorded
     variants = " and ".join(f"{v} ({'--torchcompile' if v == 'compiled' else 'no compile'})" for v in timm["variants"])
     return (
         f"train.py of timm {timm['timm']} (commit {timm['commit']}), torch {timm['torch']}; "
-        f"{' '.join(['--amp --amp-dtype bfloat16 --channels-last --workers', str(timm['workers']), *timm['extra']])}; "
+        f"{' '.join([*flags, '--workers', str(timm['workers']), *timm['extra']])}; "
         f"{variants}, the faster counts; allocator: {timm['environment']['ld_preload'] or 'system'}"
     )
 
@@ -671,8 +673,8 @@ def table(results: dict) -> str:
         "| model | px | train naive | train facecls | x | train timm | facecls / timm "
         "| predict naive | predict facecls | x "
         "| data naive | data facecls | data / fastest model | train GFLOP/s naive (% fp32 peak) "
-        "| train GFLOP/s facecls (% bf16 peak) | predict GFLOP/s naive (% fp32 peak) "
-        "| predict GFLOP/s facecls (% bf16 peak) | peak RSS MiB naive / facecls (+worker) |",
+        "| train GFLOP/s facecls (% peak of its precision) | predict GFLOP/s naive (% fp32 peak) "
+        "| predict GFLOP/s facecls (% peak of its precision) | peak RSS MiB naive / facecls (+worker) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_size: dict[int, float] = {}
@@ -682,6 +684,8 @@ def table(results: dict) -> str:
         tr, pr, da = c["train"], c["predict"], c["data"]
         gflops = {side: c["train_gflop_per_image"] * tr[side] for side in (NAIVE, FACECLS)}
         pf = {side: c.get("predict_gflop_per_image", 0.0) * pr[side] for side in (NAIVE, FACECLS)}
+        # facecls computes in bf16 where the CPU has it in hardware, else fp32 (run.json's precision).
+        own_peak = peaks[c.get("runtime", {}).get("precision", "bf16")]
         mem = c.get("memory")
         mem_text = "-"
         if mem and "error" not in mem[NAIVE] and "error" not in mem[FACECLS]:
@@ -691,9 +695,9 @@ def table(results: dict) -> str:
             f"| {pr[NAIVE]:.1f} | {pr[FACECLS]:.1f} | {pr['ratio']:.2f} "
             f"| {da[NAIVE]:.0f} | {da[FACECLS]:.0f} | {da[FACECLS] / by_size[c['size']]:.1f} "
             f"| {gflops[NAIVE]:.0f} ({100 * gflops[NAIVE] / peaks['fp32']:.0f}%) "
-            f"| {gflops[FACECLS]:.0f} ({100 * gflops[FACECLS] / peaks['bf16']:.0f}%) "
+            f"| {gflops[FACECLS]:.0f} ({100 * gflops[FACECLS] / own_peak:.0f}%) "
             f"| {pf[NAIVE]:.0f} ({100 * pf[NAIVE] / peaks['fp32']:.0f}%) "
-            f"| {pf[FACECLS]:.0f} ({100 * pf[FACECLS] / peaks['bf16']:.0f}%) | {mem_text} |"
+            f"| {pf[FACECLS]:.0f} ({100 * pf[FACECLS] / own_peak:.0f}%) | {mem_text} |"
         )
     if "timm" in results:
         lines += ["", f"timm side: {timm_text(results['timm'])}"]

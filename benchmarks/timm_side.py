@@ -3,9 +3,11 @@
 timm stays outside the project: its ``train.py`` (a checkout of pytorch-image-models) runs as a subprocess
 in its own Python environment, on the benchmark's ImageFolder layout (``DATA/train/<identity>/``), with the
 same model (timm's name for it), batch, number of classes and resolution, random initialisation, and
-timm's best CPU flags: bf16 autocast (``--amp --amp-dtype bfloat16``), ``--channels-last``, and with
-``--torchcompile`` as a second variant (the faster one counts). Validation is off (``--val-split ''``) and
-checkpoints are written only after the last epoch, so neither is in the timed steps.
+timm's best CPU flags: bf16 autocast (``--amp --amp-dtype bfloat16``) where the CPU computes bf16 in hardware
+(AMX or AVX512-BF16; elsewhere bf16 is emulated and many times slower, so timm runs in fp32 there, as
+facecls does), ``--channels-last``, and with ``--torchcompile`` as a second variant (the faster one
+counts). Validation is off (``--val-split ''``) and checkpoints are written only after the last epoch, so
+neither is in the timed steps.
 
 Speed is read off timm's own log (``--log-interval 1``: one line per optimizer step with its time and
 rate): the first epoch is the warm-up (it pays compilation and the loader's start), the epochs after it
@@ -26,11 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from facecls.runtime.allocator import JEMALLOC_CONF, JEMALLOC_PATHS
+from facecls.runtime.speed import cpu_supports_bf16
 
 # timm's names for the benchmark's models. InceptionResNetV1 and SFace have no timm model (timm's
 # inception_resnet_v2 is a different, 3x larger network), so those rows have no timm side.
 TIMM_MODELS = {"resnet50": "resnet50", "mobilenet_v2": "mobilenetv2_100"}
-TIMM_FLAGS = ("--amp", "--amp-dtype", "bfloat16", "--channels-last")
+BF16_FLAGS = ("--amp", "--amp-dtype", "bfloat16")
+LAYOUT_FLAGS = ("--channels-last",)
 COMPILE_FLAG = "--torchcompile"
 VARIANTS = {"off": ("eager",), "on": ("compiled",), "both": ("eager", "compiled")}
 # One line per logged optimizer step, e.g.
@@ -101,6 +105,11 @@ def timm_version(side: TimmSide) -> dict:
     return version
 
 
+def timm_flags() -> tuple[str, ...]:
+    """timm's best precision and layout flags on this CPU (bf16 only where facecls's ``auto`` picks it too)."""
+    return (*BF16_FLAGS, *LAYOUT_FLAGS) if cpu_supports_bf16() else LAYOUT_FLAGS
+
+
 def timm_command(
     side: TimmSide,
     model: str,
@@ -133,7 +142,7 @@ def timm_command(
         "--log-interval", "1",
         "--seed", "0",
         "--output", str(output),
-        *TIMM_FLAGS,
+        *timm_flags(),
         *([COMPILE_FLAG] if compiled else []),
         *side.extra,
     ]  # fmt: skip
