@@ -61,7 +61,7 @@ from facecls.runtime.speed import CompiledInference, cpu_supports_bf16, resolve_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sides import FACECLS, NAIVE, NAIVE_ALLOC, SideProcess, interleaved, serve, side_environment  # noqa: E402
-from timm_side import VARIANTS, find_timm, run_timm, timm_flags, timm_version  # noqa: E402
+from timm_side import BF16_FLAGS, LAYOUT_FLAGS, VARIANTS, find_timm, run_timm, timm_flags, timm_version  # noqa: E402
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 CELEB24 = CHECKOUT.parent / "shared" / "data" / "celeb24"
@@ -607,7 +607,7 @@ def timm_setup(args) -> tuple:
 def timm_text(timm: dict) -> str:
     if timm.get("status") != "ok":
         return timm.get("status", "not run")
-    flags = timm.get("flags", ["--amp --amp-dtype bfloat16 --channels-last"])  # runs before flags were recorded
+    flags = timm.get("flags", [*BF16_FLAGS, *LAYOUT_FLAGS])  # runs from before flags were recorded used these
     variants = " and ".join(f"{v} ({'--torchcompile' if v == 'compiled' else 'no compile'})" for v in timm["variants"])
     return (
         f"train.py of timm {timm['timm']} (commit {timm['commit']}), torch {timm['torch']}; "
