@@ -129,3 +129,32 @@ def test_training_images_that_do_not_look_aligned_are_warned_about(faces_data, f
     assert unaligned_warning(recipe, five_celebrity_aligned, orl) is None  # a prepare report is there
     assert unaligned_warning(recipe, faces_data, aligned) is None  # all 112 x 112
     assert unaligned_warning(load_recipe("mobilenet_v2"), faces_data / "orl", orl) is None  # no face template
+
+
+def test_a_store_of_several_views_prepares_the_backbone_once(faces_data, tmp_path, monkeypatch):
+    # Preparing is the OpenVINO conversion or the compilation (seconds each): once per store, not per view.
+    from facecls.data.datasets import FaceImages
+    from facecls.engine import inference
+    from facecls.engine.features import load_or_compute
+
+    prepared = []
+    real = inference.inference_model
+
+    def counting(model, runtime, input_size, images=0, batch_size=128, console=None):
+        prepared.append(images)
+        return real(model, runtime, input_size, images, batch_size, console)
+
+    monkeypatch.setattr(inference, "inference_model", counting)
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v2", 2, HeadConfig())
+    embedder = embedder_of(
+        model, Preprocess(32, 32, (0.5,) * 3, (0.25,) * 3), resolve_runtime(SpeedConfig(precision="fp32"), "cpu")
+    )
+    paths = sorted((faces_data / "orl" / "s3").iterdir())[:4]
+    dataset = FaceImages(paths, [0, 0, 1, 1], size=32)
+    features, reused = load_or_compute(embedder, dataset, views=3, seed=0, cache_root=tmp_path, batch_size=2)
+    assert not reused and features.shape == (3, 4, 1280)
+    assert prepared == [12]  # one preparation, told of every image of every view
+    assert model.training  # the caller's mode is restored
+    fresh = compute_embeddings(embedder, paths, l2_normalize=False)
+    torch.testing.assert_close(features[0].float(), fresh.half().float())  # the store rounds to float16

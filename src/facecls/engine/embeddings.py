@@ -15,6 +15,7 @@ summed and renormalised (flip test-time augmentation, as face recognisers evalua
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from torchvision.transforms.v2 import functional as F
 
 from facecls.config import Preprocess, SpeedConfig
 from facecls.core.console import Console
-from facecls.core.errors import FaceclsError
+from facecls.core.errors import FaceclsError, list_for_error
 from facecls.data.transforms import Normalize
 from facecls.runtime.speed import Runtime, resolve_runtime
 
@@ -164,6 +165,27 @@ def embed_batch(
     return features
 
 
+@contextmanager
+def prepared_backbone(
+    embedder: Embedder, images: int, batch_size: int, flip: bool = False, console: Console | None = None
+) -> Iterator[nn.Module]:
+    """The embedder's backbone as inference runs it (eval mode; BatchNorm folded, compiled or converted
+    for OpenVINO as the runtime says for ``images`` images in batches of ``batch_size``), prepared once for
+    any number of passes; the backbone's training mode is restored afterwards."""
+    from facecls.engine.inference import inference_model
+
+    backbone = embedder.backbone
+    was_training = backbone.training
+    runtime = embedder.runtime
+    if flip and runtime.compile_inference is None:
+        runtime = replace(runtime, compile_inference=False)  # the doubled batch would need its own compile
+    views = 2 if flip else 1
+    try:
+        yield inference_model(backbone, runtime, embedder.preprocess.input_size, images, batch_size * views, console)
+    finally:
+        backbone.train(was_training)
+
+
 def iter_embeddings(
     embedder: Embedder,
     source: Sequence[str | Path] | Dataset,
@@ -173,26 +195,30 @@ def iter_embeddings(
     console: Console | None = None,
     description: str = "embed",
     l2_normalize: bool = True,
+    model: nn.Module | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor, list[str]]]:
     """Stream ``(indices, N x D float32 unit vectors on the CPU, statuses)`` per batch of ``source`` (image
     paths, or a dataset whose items start with a uint8 CHW image; `FaceImages` are read un-augmented).
     An unreadable file's status is "unreadable" and its vector is that of a black image: the caller decides
-    (`compute_embeddings` refuses them). The backbone runs in eval mode (its previous mode is restored),
-    with BatchNorm folded and bf16/channels_last as the embedder's runtime says. ``l2_normalize=False``
-    gives the backbone's raw features, what a model's head takes."""
-    from facecls.engine.inference import inference_model
-
-    backbone = embedder.backbone
-    was_training = backbone.training
-    views = 2 if flip else 1
+    (`compute_embeddings` refuses them). The backbone runs as `prepared_backbone` makes it (pass ``model``,
+    what it yielded, to prepare it once for several passes). ``l2_normalize=False`` gives the backbone's
+    raw features, what a model's head takes."""
+    if model is None:
+        with prepared_backbone(embedder, len(source), batch_size, flip, console) as model:
+            yield from iter_embeddings(
+                embedder,
+                source,
+                batch_size=batch_size,
+                flip=flip,
+                console=console,
+                description=description,
+                l2_normalize=l2_normalize,
+                model=model,
+            )
+        return
     loader = image_loader(source, embedder, batch_size)
-    total = len(loader.dataset)
-    runtime = embedder.runtime
-    if flip and runtime.compile_inference is None:
-        runtime = replace(runtime, compile_inference=False)  # the doubled batch would need its own compile
-    model = inference_model(backbone, runtime, embedder.preprocess.input_size, total, batch_size * views, console)
     normalize = embedder.normalize
-    bar = (console or Console(progress=False)).progress(description, total)
+    bar = (console or Console(progress=False)).progress(description, len(loader.dataset))
     try:
         for images, indices, statuses in loader:
             vectors = embed_batch(embedder, model, normalize(images), flip, l2_normalize).cpu()
@@ -200,7 +226,6 @@ def iter_embeddings(
             yield indices.tolist(), vectors, list(statuses)
     finally:
         bar.close()
-        backbone.train(was_training)
 
 
 def compute_embeddings(
@@ -212,6 +237,7 @@ def compute_embeddings(
     console: Console | None = None,
     description: str = "embed",
     l2_normalize: bool = True,
+    model: nn.Module | None = None,
 ) -> torch.Tensor:
     """``len(source) x feature_dim`` float32 L2-normalised embeddings, in ``source`` order (see
     `iter_embeddings`). Unreadable image files raise a FaceclsError naming them (count + first ones)."""
@@ -225,29 +251,14 @@ def compute_embeddings(
         console=console,
         description=description,
         l2_normalize=l2_normalize,
+        model=model,
     ):
         out[indices] = vectors
         bad += [i for i, s in zip(indices, statuses, strict=True) if s == "unreadable"]
     if bad:
-        names = [str(source[i]) for i in bad[:10]] if not isinstance(source, Dataset) else [str(i) for i in bad[:10]]
-        raise FaceclsError(
-            f"{len(bad)} of {len(source)} images could not be decoded: {', '.join(names)}"
-            + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-        )
+        names = [str(source[i]) for i in bad] if not isinstance(source, Dataset) else [str(i) for i in bad]
+        raise FaceclsError(f"{len(bad)} of {len(source)} images could not be decoded: {list_for_error(names)}")
     return out
-
-
-def unreadable_up_front(paths: list[Path]) -> set[int]:
-    """Indices of files that do not decode (a full but cheap decode of each)."""
-    from facecls.data.images import UnreadableImage, check_decodes
-
-    bad = set()
-    for i, path in enumerate(paths):
-        try:
-            check_decodes(path)
-        except UnreadableImage:
-            bad.add(i)
-    return bad
 
 
 @dataclass(frozen=True)
@@ -288,9 +299,10 @@ def stream_embeddings(
             yield indices, vectors.numpy(), statuses
         return
     from facecls.data.datasets import ImageFiles
+    from facecls.data.images import unreadable_files
     from facecls.faces.align import DetectLoader
 
-    bad = unreadable_up_front(paths)
+    bad = set(unreadable_files(paths))
     dataset = ImageFiles(paths, embedder.preprocess.input_size, DetectLoader(options.detector, options.margin))
     for indices, vectors, _ in iter_embeddings(
         embedder, dataset, batch_size=batch_size, flip=flip, console=console, description=description

@@ -27,7 +27,7 @@ from torchvision.transforms.v2 import functional as F
 from facecls.core.console import Console
 from facecls.data.datasets import EpochSampler, FaceImages, sample_seed, shard
 from facecls.data.images import DecodedCache
-from facecls.engine.embeddings import Embedder, compute_embeddings
+from facecls.engine.embeddings import Embedder, compute_embeddings, prepared_backbone
 from facecls.runtime.distributed import DistEnv, broadcast_object
 
 FORMAT = "facecls-features-v2"
@@ -101,12 +101,19 @@ def load_or_compute(
     if file.is_file():
         return read_store(folder), True
     out = np.empty((views, len(dataset), embedder.feature_dim), dtype=np.float16)
-    with torch.random.fork_rng(devices=[]):
+    prepare = prepared_backbone(embedder, views * len(dataset), batch_size, console=console)
+    with torch.random.fork_rng(devices=[]), prepare as model:
         for view in range(views):
             source = ViewImages(dataset, view, embedder.preprocess.input_size, seed)
             label = f"{description} view {view + 1}/{views}"
             out[view] = compute_embeddings(
-                embedder, source, batch_size=batch_size, console=console, description=label, l2_normalize=False
+                embedder,
+                source,
+                batch_size=batch_size,
+                console=console,
+                description=label,
+                l2_normalize=False,
+                model=model,
             )
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -153,6 +160,12 @@ def shared_store(
     if not env.is_main:
         features = read_store(folder)
     return features, how
+
+
+def flip_mean(features: torch.Tensor) -> torch.Tensor:
+    """``2 x N x D`` stored features of the images and their mirrors as a model with flip TTA computes them:
+    their mean, ``1 x N x D``."""
+    return features.float().mean(0, keepdim=True).half()
 
 
 def read_store(folder: Path) -> torch.Tensor:
@@ -245,6 +258,6 @@ def stored_eval_loader(
         description="evaluation features",
     )
     if views == 2:
-        features = features.float().mean(0, keepdim=True).half()
+        features = flip_mean(features)
     loader = feature_eval_loader(StoredFeatures(features, dataset.labels), batch_size, env.rank, env.world_size)
     return loader, ToDevice(runtime.device), HeadOnFeatures(model)

@@ -492,7 +492,13 @@ def stored_feature_loaders(loop: Loop):
     validation images (the image, and its mirror with flip TTA, averaged as the model does), computed once
     by rank 0 and reused from the cache afterwards."""
     from facecls.engine.embeddings import embedder_of
-    from facecls.engine.features import StoredFeatures, feature_eval_loader, feature_train_loader, shared_store
+    from facecls.engine.features import (
+        StoredFeatures,
+        feature_eval_loader,
+        feature_train_loader,
+        flip_mean,
+        shared_store,
+    )
 
     s, t, env = loop.setup, loop.setup.recipe.train, loop.setup.env
     embedder = embedder_of(loop.model, s.preprocess, s.runtime, s.recipe.model.name)
@@ -507,7 +513,7 @@ def stored_feature_loaders(loop: Loop):
         )
         loop.console.log(f"{split} features: {len(dataset)} images x {views} view(s) {how}")
         if split == "val" and flip_tta:  # what the model computes with flip TTA: the mean over both views
-            features = features.float().mean(0, keepdim=True).half()
+            features = flip_mean(features)
         stored[split] = StoredFeatures(features, dataset.labels)
     train = feature_train_loader(stored["train"], s.micro_batch, t.seed, env.rank, env.world_size)
     if "val" not in stored:
