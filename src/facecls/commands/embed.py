@@ -19,14 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from facecls.core.console import Console
-from facecls.core.errors import FaceclsError
+from facecls.core.errors import FaceclsError, list_for_error
 from facecls.data.scan import is_hidden, is_image_name
 from facecls.engine.embeddings import Embedder, EmbedOptions, embedder_from_run, load_embedder, stream_embeddings
-
-
-def list_for_error(names: list[str], limit: int = 10) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def open_embedder(

@@ -23,11 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facecls.commands.embed import list_for_error
 from facecls.core import runs
 from facecls.core.checkpoint import save_checkpoint
 from facecls.core.console import Console
-from facecls.core.errors import FaceclsError
+from facecls.core.errors import FaceclsError, list_for_error
 from facecls.data.scan import scan_identity_folders
 from facecls.engine.embeddings import EmbedOptions, embed_files, embedder_of
 

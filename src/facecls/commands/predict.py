@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader
 
 from facecls.core.atomic import atomic_write
 from facecls.core.console import Console
-from facecls.core.errors import FaceclsError
+from facecls.core.errors import FaceclsError, list_for_error
 from facecls.data.datasets import ImageFiles, shard
-from facecls.data.images import UnreadableImage, check_decodes
+from facecls.data.images import unreadable_files
 from facecls.data.scan import escape_name, list_flat_images
 from facecls.engine.inference import inference_model, load_run, predict_loader
 from facecls.engine.unknown import UNKNOWN_LABEL, best_scores, class_scores
@@ -30,23 +30,6 @@ class PredictSummary:
     rows: int
     skipped: list[str] = field(default_factory=list)
     no_face: list[str] = field(default_factory=list)
-
-
-def quick_check(paths: list[Path]) -> list[str]:
-    """Names of files that do not decode as images. Each file is decoded up front (a header check
-    passes truncated JPEGs), so a bad file fails the command before any work is done."""
-    bad = []
-    for path in paths:
-        try:
-            check_decodes(path)
-        except UnreadableImage:
-            bad.append(path.name)
-    return bad
-
-
-def _list_for_error(names: list[str]) -> str:
-    shown = ", ".join(names[:10])
-    return shown + (f" and {len(names) - 10} more" if len(names) > 10 else "")
 
 
 def report_compile_failure(model: torch.nn.Module, console: Console) -> None:
@@ -135,10 +118,11 @@ def predict_folder(
         threshold = resolve_threshold(loaded, unknown, far, console=console) if env.is_main else None
         open_set = broadcast_object(env, threshold)
     paths, _ = list_flat_images(images)
-    bad = broadcast_object(env, quick_check(paths) if env.is_main else None)  # every process stops, or none
+    bad = [paths[i].name for i in unreadable_files(paths)] if env.is_main else None
+    bad = broadcast_object(env, bad)  # every process stops, or none
     if bad and not skip_unreadable:
         raise FaceclsError(
-            f"{len(bad)} of {len(paths)} images in {images} are unreadable ({_list_for_error(bad)}); "
+            f"{len(bad)} of {len(paths)} images in {images} are unreadable ({list_for_error(bad)}); "
             "fix or remove them, or pass --skip-unreadable to leave them out of the submission"
         )
     loader_fn = DetectLoader(detector, margin) if detect else None
@@ -195,7 +179,7 @@ def predict_folder(
         report_compile_failure(model, console)
         if env.is_main and skipped and not skip_unreadable:  # raised inside: the temp file goes, out stays
             raise FaceclsError(
-                f"{len(skipped)} images could not be decoded ({_list_for_error(skipped)}); nothing written. "
+                f"{len(skipped)} images could not be decoded ({list_for_error(skipped)}); nothing written. "
                 "Pass --skip-unreadable to leave them out."
             )
     if not env.is_main:
@@ -217,6 +201,6 @@ def predict_folder(
             f"(predicted on a centre crop); see {report}"
         )
     if skipped:
-        console.warn(f"skipped {len(skipped)} unreadable images: {_list_for_error(skipped)}")
+        console.warn(f"skipped {len(skipped)} unreadable images: {list_for_error(skipped)}")
     console.log(f"wrote {written} rows to {out}")
     return summary

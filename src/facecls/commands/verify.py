@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from facecls.commands.embed import list_for_error, open_embedder
+from facecls.commands.embed import open_embedder
 from facecls.core.console import Console
-from facecls.core.errors import FaceclsError
+from facecls.core.errors import FaceclsError, list_for_error
 from facecls.engine.embeddings import EmbedOptions, embed_files
 from facecls.engine.openset import VerificationResult, read_pairs, resolve_pair_images, verification_folds
 

@@ -8,6 +8,13 @@ class FaceclsError(Exception):
     """
 
 
+def list_for_error(names: list[str], limit: int = 10) -> str:
+    """The first ``limit`` names, comma-separated, and how many more there are: a list inside a one-line
+    message."""
+    shown = ", ".join(str(name) for name in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def first_line(exc: BaseException) -> str:
     """``Type: first line of the message`` (at most 200 characters): a library's failure, in one line of a log
     or an error message."""

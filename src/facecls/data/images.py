@@ -97,6 +97,18 @@ def check_decodes(path: Path | str) -> None:
     open_rgb(path, min_size=1)
 
 
+def unreadable_files(paths: list[Path]) -> list[int]:
+    """Indices of the files that do not decode (`check_decodes` of each, in order): a command checks its
+    inputs up front with it, so a bad file fails the command before any work is done."""
+    bad = []
+    for i, path in enumerate(paths):
+        try:
+            check_decodes(path)
+        except UnreadableImage:
+            bad.append(i)
+    return bad
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Upright RGB version of a decoded Pillow image of any mode: the one conversion every reader uses
     (training, evaluation, ``prepare``, ``predict --detect``), so one file gives the same pixels everywhere.

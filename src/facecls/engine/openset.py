@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facecls.core.errors import FaceclsError
+from facecls.core.errors import FaceclsError, list_for_error
 from facecls.data.scan import IMAGE_EXTENSIONS
 
 
@@ -336,10 +336,9 @@ def resolve_pair_images(pairs: Pairs, images_dir: Path) -> dict[str, Path]:
         else:
             resolved[name] = found
     if missing:
-        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise FaceclsError(
             f"{len(missing)} of {len(resolved) + len(missing)} images named in the pairs file are not in "
-            f"{images_dir}: {shown}"
+            f"{images_dir}: {list_for_error(missing)}"
         )
     return resolved
 
