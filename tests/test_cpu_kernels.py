@@ -8,8 +8,11 @@ from torchvision.models import mobilenet_v2
 
 from facecls.config import SpeedConfig
 from facecls.runtime.cpu_kernels import (
+    BitsReLU,
+    BitsReLU6,
     CompiledPReLU,
     DepthwiseConvFp32InputGrad,
+    use_bits_relu,
     use_compiled_prelu,
     use_fp32_input_grad_for_strided_depthwise,
 )
@@ -129,3 +132,58 @@ def test_compiled_prelu_is_used_only_where_the_backbone_trains(tmp_path, faces_d
     assert prelus(fine_tune) == {CompiledPReLU}
     assert prelus([]) == {nn.PReLU}  # the recipe as it is: a head on stored features, the backbone never trains
     assert prelus([*fine_tune, "speed.compiled_prelu=false"]) == {nn.PReLU}
+
+
+def test_relu_and_relu6_on_the_bits_equal_atens_bit_for_bit():
+    torch.manual_seed(0)
+    values = torch.randn(2, 8, 6, 6) * 4
+    edge = torch.tensor([0.0, -0.0, 6.0, 6.03125, 5.96875, float("inf"), float("-inf"), 1e-40, -1e-40, 3e38])
+    values.view(-1)[: edge.numel()] = edge
+    x = values.bfloat16().contiguous(memory_format=torch.channels_last)
+    for plain_cls, bits_cls in ((nn.ReLU, BitsReLU), (nn.ReLU6, BitsReLU6)):
+        for inplace in (False, True):
+            plain, bits = plain_cls(inplace=inplace), plain_cls(inplace=inplace)
+            assert use_bits_relu(bits) == 1 and type(bits) is bits_cls
+            results = []
+            for layer in (plain, bits):
+                leaf = x.clone().requires_grad_()
+                out = layer(leaf * 1)  # in place needs a tensor that is not a leaf
+                out.backward(torch.linspace(-1, 1, out.numel()).view_as(out).bfloat16())
+                results.append((out.detach(), leaf.grad))
+            (want, want_grad), (got, got_grad) = results
+            assert got.dtype == torch.bfloat16 and torch.equal(got, want) and torch.equal(got_grad, want_grad)
+            with torch.inference_mode():
+                assert torch.equal(bits(x.clone()), plain(x.clone()))
+            # other dtypes take ATen's op
+            assert torch.equal(bits(values.clone()), plain(values.clone()))
+    # NaN: one with the sign bit clear stays NaN; one with it set becomes 0 (documented)
+    nan = torch.tensor([float("nan")]).bfloat16()
+    positive, negative = nan.view(torch.int16) & 0x7FFF, nan.view(torch.int16) | -0x8000
+    assert BitsReLU()(positive.view(torch.bfloat16)).isnan().all()
+    assert BitsReLU()(negative.view(torch.bfloat16)).eq(0).all()
+
+
+def test_a_torchvision_model_with_relu_on_the_bits_trains_bit_for_bit_as_with_atens():
+    torch.manual_seed(0)
+    plain = mobilenet_v2(weights=None, num_classes=5).to(memory_format=torch.channels_last)
+    bits = mobilenet_v2(weights=None, num_classes=5).to(memory_format=torch.channels_last)
+    bits.load_state_dict(plain.state_dict())
+    assert use_bits_relu(bits) == 35
+    x = torch.randn(4, 3, 48, 48).contiguous(memory_format=torch.channels_last)
+    results = []
+    for model in (plain, bits):
+        torch.manual_seed(1)  # the same dropout mask
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().pow(2).sum().backward()
+        results.append([out, *(p.grad for p in model.parameters())])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_relu_on_the_bits_is_on_for_cpu_bf16_training_only():
+    on = resolve_runtime(SpeedConfig(precision="bf16"), "cpu")
+    assert on.as_dict()["bf16_relu_bits"] is True  # recorded in run.json
+    assert not resolve_runtime(SpeedConfig(precision="fp32"), "cpu").bf16_relu_bits
+    assert not resolve_runtime(SpeedConfig(precision="bf16", bf16_relu_bits=False), "cpu").bf16_relu_bits
+    model = prepare_training_model(mobilenet_v2(weights=None), on)
+    assert sum(type(m) is BitsReLU6 for m in model.modules()) == 35

@@ -46,6 +46,7 @@ class Runtime:
     depthwise_fp32_input_grad: bool = False
     inference_backend: str = "auto"
     compiled_prelu: bool = False
+    bf16_relu_bits: bool = False
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -128,6 +129,7 @@ def resolve_runtime(config: SpeedConfig, device: str | None = None, local_rank: 
         depthwise_fp32_input_grad=config.depthwise_fp32_input_grad and device == "cpu" and precision == "bf16",
         inference_backend=config.inference_backend,
         compiled_prelu=config.compiled_prelu and device == "cpu",
+        bf16_relu_bits=config.bf16_relu_bits and device == "cpu" and precision == "bf16",
     )
 
 
@@ -146,6 +148,10 @@ def prepare_training_model(model: nn.Module, runtime: Runtime) -> nn.Module:
         from facecls.runtime.cpu_kernels import use_fp32_input_grad_for_strided_depthwise
 
         use_fp32_input_grad_for_strided_depthwise(model)
+    if runtime.bf16_relu_bits:
+        from facecls.runtime.cpu_kernels import use_bits_relu
+
+        use_bits_relu(model)
     return model
 
 
