@@ -15,7 +15,7 @@ summed and renormalised (flip test-time augmentation, as face recognisers evalua
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -203,29 +203,17 @@ def iter_embeddings(
     (`compute_embeddings` refuses them). The backbone runs as `prepared_backbone` makes it (pass ``model``,
     what it yielded, to prepare it once for several passes). ``l2_normalize=False`` gives the backbone's
     raw features, what a model's head takes."""
-    if model is None:
-        with prepared_backbone(embedder, len(source), batch_size, flip, console) as model:
-            yield from iter_embeddings(
-                embedder,
-                source,
-                batch_size=batch_size,
-                flip=flip,
-                console=console,
-                description=description,
-                l2_normalize=l2_normalize,
-                model=model,
-            )
-        return
-    loader = image_loader(source, embedder, batch_size)
-    normalize = embedder.normalize
-    bar = (console or Console(progress=False)).progress(description, len(loader.dataset))
-    try:
+    with ExitStack() as stack:
+        if model is None:  # prepared for this one pass
+            model = stack.enter_context(prepared_backbone(embedder, len(source), batch_size, flip, console))
+        loader = image_loader(source, embedder, batch_size)
+        normalize = embedder.normalize
+        bar = (console or Console(progress=False)).progress(description, len(loader.dataset))
+        stack.callback(bar.close)
         for images, indices, statuses in loader:
             vectors = embed_batch(embedder, model, normalize(images), flip, l2_normalize).cpu()
             bar.advance(len(indices))
             yield indices.tolist(), vectors, list(statuses)
-    finally:
-        bar.close()
 
 
 def compute_embeddings(

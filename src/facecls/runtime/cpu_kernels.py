@@ -104,11 +104,12 @@ _BF16_SIX = int(torch.tensor(6.0, dtype=torch.bfloat16).view(torch.int16))
 
 
 def _clamp_bits(x: torch.Tensor, upper: int | None, inplace: bool) -> torch.Tensor:
-    bits = x.view(torch.int16)
+    """``x`` clamped to [0, upper] (upper: None or 6) on its bits."""
+    bits, limit = x.view(torch.int16), None if upper is None else _BF16_SIX
     if inplace:
-        bits.clamp_(0, upper)
+        bits.clamp_(0, limit)
         return x
-    return bits.clamp(0, upper).view(torch.bfloat16)
+    return bits.clamp(0, limit).view(torch.bfloat16)
 
 
 class _ClampBits(torch.autograd.Function):
@@ -116,7 +117,7 @@ class _ClampBits(torch.autograd.Function):
     def forward(ctx, x, upper, inplace):
         if inplace:
             ctx.mark_dirty(x)
-        out = _clamp_bits(x, None if upper is None else _BF16_SIX, inplace)
+        out = _clamp_bits(x, upper, inplace)
         ctx.upper = upper
         ctx.save_for_backward(out)
         return out
@@ -141,7 +142,7 @@ def _clamps_bits(x: torch.Tensor) -> bool:
 def _relu_bits(x: torch.Tensor, upper: int | None, inplace: bool) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return _ClampBits.apply(x, upper, inplace)
-    return _clamp_bits(x, None if upper is None else _BF16_SIX, inplace)
+    return _clamp_bits(x, upper, inplace)
 
 
 class BitsReLU(nn.ReLU):
