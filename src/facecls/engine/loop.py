@@ -24,10 +24,12 @@ from torch import nn
 from facecls.config import TrainConfig, recipe_to_dict
 from facecls.core.checkpoint import load_model_state, rng_state, set_rng_state
 from facecls.core.console import Console
-from facecls.core.errors import Stopped
+from facecls.core.download import cache_dir
+from facecls.core.errors import Stopped, first_line
 from facecls.core.run_folder import RunFolder
 from facecls.engine.builder import TrainingSetup, finetune_epochs, set_phase, uses_stored_features
 from facecls.engine.steps import RunningStats, StepContext, evaluate, train_one_epoch
+from facecls.runtime import conv_gemm
 from facecls.runtime.distributed import barrier
 
 
@@ -143,6 +145,8 @@ class Loop:
         self.phase: Phase | None = None
         """The phase training now."""
         self.resume_hint = resume_hint
+        self.plans_adopted = False
+        """The convolution plans came from a checkpoint (speed.conv_gemm)."""
 
     def planned_epochs(self) -> int:
         """Epochs of the whole run as far as known (a phase that ends on its own counts its cap until then)."""
@@ -176,6 +180,8 @@ class Loop:
         s, t = self.setup, self.setup.recipe.train
         if s.env.enabled and self.state.step_in_epoch == 0 and self.state.epoch == 0:
             torch.manual_seed(t.seed + s.env.rank)  # ranks draw different dropout masks
+        if s.runtime.conv_gemm and not self.plans_adopted and not self.finished() and finetune_epochs(t) > 0:
+            self._measure_conv_plans()
         if s.runtime.compile:
             self.model = torch.compile(self.model)
         if not self.finished():
@@ -193,6 +199,31 @@ class Loop:
                 f"{s.micro_batch} x {t.grad_accum} accumulation; {s.runtime.device}, {s.runtime.precision}"
                 f"{', channels_last' if s.runtime.channels_last else ''}"
             )
+
+    def _measure_conv_plans(self) -> None:
+        """The plans of each convolution shape (speed.conv_gemm): those this machine measured for earlier
+        runs, the rest timed now, before the first step, so that every checkpoint holds them."""
+        s = self.setup
+        plans_file = conv_gemm.machine_plans_file(cache_dir())
+        conv_gemm.load_plans_file(plans_file)
+        size = s.preprocess.input_size
+        example = torch.zeros(s.micro_batch, 3, size, size, device=s.runtime.device)
+        started = time.perf_counter()
+        measured = conv_gemm.measure_model_plans(
+            self.model, example.contiguous(memory_format=torch.channels_last), s.runtime.autocast()
+        )
+        if not measured:
+            return
+        gemm = sum(plan.any_gemm for plan in conv_gemm.plans_measured().values())
+        self.console.log(
+            f"{measured} convolution shapes timed in {time.perf_counter() - started:.1f} s: {gemm} train faster "
+            "with matrix products for some of their products (speed.conv_gemm=false: oneDNN's kernels only)"
+        )
+        try:
+            conv_gemm.save_plans_file(plans_file)
+        except OSError as exc:
+            self.console.warn(f"could not keep the convolution plans in {plans_file} ({first_line(exc)}); "
+                              "later runs will time them again")
 
     def _train_epoch(self, phase: Phase, model: nn.Module) -> RunningStats:
         try:
@@ -263,6 +294,7 @@ class Loop:
             "preprocess": s.preprocess.as_dict(),
             "world_size": s.env.world_size,
             "phases": {phase.name: phase.state_dict() for phase in self.phases},
+            "conv_plans": conv_gemm.export_plans(),
         }
 
     def load_state_dict(self, checkpoint: dict, source: str = "checkpoint") -> None:
@@ -286,6 +318,7 @@ class Loop:
         for phase in self.phases:
             phase.load_state_dict(checkpoint.get("phases", {}).get(phase.name, {}))
         set_rng_state(checkpoint["rng"])
+        self.plans_adopted = conv_gemm.adopt_plans(checkpoint.get("conv_plans", [])) > 0
         if s.env.enabled:  # ranks draw different dropout masks
             torch.manual_seed(int(torch.initial_seed()) + s.env.rank)
 

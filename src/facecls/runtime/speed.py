@@ -47,6 +47,7 @@ class Runtime:
     inference_backend: str = "auto"
     compiled_prelu: bool = False
     bf16_relu_bits: bool = False
+    conv_gemm: bool = False
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -130,6 +131,8 @@ def resolve_runtime(config: SpeedConfig, device: str | None = None, local_rank: 
         inference_backend=config.inference_backend,
         compiled_prelu=config.compiled_prelu and device == "cpu",
         bf16_relu_bits=config.bf16_relu_bits and device == "cpu" and precision == "bf16",
+        # Its plans are timed in Python at a shape's first use, which a compiled graph cannot hold.
+        conv_gemm=config.conv_gemm and device == "cpu" and not config.compile,
     )
 
 
@@ -152,6 +155,10 @@ def prepare_training_model(model: nn.Module, runtime: Runtime) -> nn.Module:
         from facecls.runtime.cpu_kernels import use_bits_relu
 
         use_bits_relu(model)
+    if runtime.conv_gemm:
+        from facecls.runtime.conv_gemm import use_gemm_convolutions
+
+        use_gemm_convolutions(model)
     return model
 
 
