@@ -2,9 +2,10 @@
 
 import shutil
 
+import pytest
 import torch
 from torch import nn
-from torchvision.models import mobilenet_v2
+from torchvision.models import mobilenet_v2, resnet18, resnet50
 
 from facecls.config import SpeedConfig
 from facecls.runtime.cpu_kernels import (
@@ -12,9 +13,12 @@ from facecls.runtime.cpu_kernels import (
     BitsReLU6,
     CompiledPReLU,
     DepthwiseConvFp32InputGrad,
+    OutOfPlaceBasicBlock,
+    OutOfPlaceBottleneck,
     use_bits_relu,
     use_compiled_prelu,
     use_fp32_input_grad_for_strided_depthwise,
+    use_out_of_place_residuals,
 )
 from facecls.runtime.speed import prepare_training_model, resolve_runtime
 
@@ -187,3 +191,31 @@ def test_relu_on_the_bits_is_on_for_cpu_bf16_training_only():
     assert not resolve_runtime(SpeedConfig(precision="bf16", bf16_relu_bits=False), "cpu").bf16_relu_bits
     model = prepare_training_model(mobilenet_v2(weights=None), on)
     assert sum(type(m) is BitsReLU6 for m in model.modules()) == 35
+
+
+@pytest.mark.parametrize(
+    ("build", "blocks", "kind"), [(resnet18, 8, OutOfPlaceBasicBlock), (resnet50, 16, OutOfPlaceBottleneck)]
+)
+def test_resnet_blocks_adding_out_of_place_train_bit_for_bit_as_torchvisions(build, blocks, kind):
+    torch.manual_seed(0)
+    plain = build(weights=None, num_classes=5).to(memory_format=torch.channels_last)
+    switched = build(weights=None, num_classes=5).to(memory_format=torch.channels_last)
+    switched.load_state_dict(plain.state_dict())
+    keys = list(switched.state_dict())
+    assert use_out_of_place_residuals(switched) == blocks
+    assert list(switched.state_dict()) == keys and sum(type(m) is kind for m in switched.modules()) == blocks
+    x = torch.randn(2, 3, 40, 40).contiguous(memory_format=torch.channels_last)
+    results = []
+    for model in (plain, switched):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().pow(2).sum().backward()
+        results.append([out, *(p.grad for p in model.parameters())])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_out_of_place_residuals_are_on_for_cpu_bf16_training_only():
+    assert resolve_runtime(SpeedConfig(precision="bf16"), "cpu").as_dict()["bf16_out_of_place_residuals"] is True
+    assert not resolve_runtime(SpeedConfig(precision="fp32"), "cpu").bf16_out_of_place_residuals
+    off = SpeedConfig(precision="bf16", bf16_out_of_place_residuals=False)
+    assert not resolve_runtime(off, "cpu").bf16_out_of_place_residuals

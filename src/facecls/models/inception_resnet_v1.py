@@ -85,7 +85,8 @@ class _ResidualInception(_ParallelBranches):
         self.relu = nn.ReLU(inplace=True) if activate else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.conv2d(self.branch_outputs(x)) * self.scale + x)
+        # One pass, x + scale * y, where `y * scale + x` makes two (and the sum is rounded once)
+        return self.relu(torch.add(x, self.conv2d(self.branch_outputs(x)), alpha=self.scale))
 
 
 def _block35(scale: float) -> _ResidualInception:

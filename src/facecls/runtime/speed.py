@@ -48,6 +48,7 @@ class Runtime:
     compiled_prelu: bool = False
     bf16_relu_bits: bool = False
     conv_gemm: bool = False
+    bf16_out_of_place_residuals: bool = False
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -131,6 +132,7 @@ def resolve_runtime(config: SpeedConfig, device: str | None = None, local_rank: 
         inference_backend=config.inference_backend,
         compiled_prelu=config.compiled_prelu and device == "cpu",
         bf16_relu_bits=config.bf16_relu_bits and device == "cpu" and precision == "bf16",
+        bf16_out_of_place_residuals=config.bf16_out_of_place_residuals and device == "cpu" and precision == "bf16",
         # Its plans are timed in Python at a shape's first use, which a compiled graph cannot hold.
         conv_gemm=config.conv_gemm and device == "cpu" and not config.compile,
     )
@@ -155,6 +157,10 @@ def prepare_training_model(model: nn.Module, runtime: Runtime) -> nn.Module:
         from facecls.runtime.cpu_kernels import use_bits_relu
 
         use_bits_relu(model)
+    if runtime.bf16_out_of_place_residuals:
+        from facecls.runtime.cpu_kernels import use_out_of_place_residuals
+
+        use_out_of_place_residuals(model)
     if runtime.conv_gemm:
         from facecls.runtime.conv_gemm import use_gemm_convolutions
 
