@@ -271,7 +271,7 @@ class SpeedConfig:
     trains (ATen's backward is 2.8x slower; a compilation of about 6 s, once per process)."""
     bf16_relu_bits: bool = True
     """CPU bf16: ReLU and ReLU6 layers clamp the activations' bit patterns as int16, 4.7-5.6x faster than
-    ATen's bf16 kernels and the same values (but NaN with the sign bit set, which becomes 0)."""
+    ATen's in-place bf16 kernels and the same values (but NaN with the sign bit set, which becomes 0)."""
     bf16_out_of_place_residuals: bool = True
     """CPU bf16: torchvision ResNet blocks add their shortcut out of place (ATen's in-place bf16 add is 2.3x
     slower than its out-of-place one); the same sums."""

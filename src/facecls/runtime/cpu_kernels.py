@@ -94,14 +94,14 @@ def use_fp32_input_grad_for_strided_depthwise(model: nn.Module) -> int:
 
 
 # ReLU and ReLU6 on bf16 activations (ResNet-50 has 49, InceptionResNetV1 about 130, MobileNetV2 35 ReLU6):
-# ATen widens each value to fp32 and rounds it back, which makes them compute-bound. Measured on the 2-core
-# AMX Xeon, 64 x 256 x 56 x 56 channels_last, in place: relu 39.3 ms in bf16 (fp32, twice the bytes: 16.8),
-# relu6 47.9 ms; the same clamps on the bit patterns read as int16: 8.3 and 8.5 ms. That is exact: a bf16
-# with the sign bit clear reads as a non-negative int16 that orders like the number, and one with the sign
-# bit set as a negative int16, so max(x, 0) and min(max(x, 0), 6) are the same clamps of the bits (with the
-# bits of 6.0 as the upper bound). Only NaN differs: one with the sign bit set becomes 0, where ATen keeps
-# NaN (NaN weights still show: the next layer multiplies its zeros by them). The backward is ATen's, from
-# the output, as for ATen's in-place ReLU.
+# ATen's bf16 kernels are slow, its in-place ones most. Measured on the 2-core AMX Xeon, 64 x 256 x 56 x 56
+# channels_last: relu in place 39.3 ms in bf16 (fp32, twice the bytes: 16.8), out of place 15.5-17.3 ms,
+# relu6 in place 47.9 ms; the same clamps on the bit patterns read as int16, in place: 8.3 and 8.5 ms.
+# That is exact: a bf16 with the sign bit clear reads as a non-negative int16 that orders like the number,
+# and one with the sign bit set as a negative int16, so max(x, 0) and min(max(x, 0), 6) are the same clamps
+# of the bits (with the bits of 6.0 as the upper bound). Only NaN differs: one with the sign bit set becomes
+# 0, where ATen keeps NaN (NaN weights still show: the next layer multiplies its zeros by them). The
+# backward is ATen's, from the output, as for ATen's in-place ReLU.
 _BF16_SIX = int(torch.tensor(6.0, dtype=torch.bfloat16).view(torch.int16))
 
 
