@@ -128,10 +128,12 @@ def test_plans_are_measured_before_training_once_per_shape_leaving_the_model_as_
     real = conv_gemm.measure_plan
     conv_gemm.measure_plan = lambda *args: calls.append(args) or real(*args)
     try:
-        measured = conv_gemm.measure_model_plans(model, example, torch.autocast("cpu", enabled=False))
+        plans, measured = conv_gemm.measure_model_plans(model, example, torch.autocast("cpu", enabled=False))
         assert measured == len(calls) == len({(a[0][1:], *a[1:]) for a in calls})  # each shape once
         assert 8 <= measured < 20  # ResNet-18's 20 convolutions have repeated shapes
-        assert conv_gemm.measure_model_plans(model, example, torch.autocast("cpu", enabled=False)) == 0
+        assert plans == conv_gemm.plans_measured()
+        again = conv_gemm.measure_model_plans(model, example, torch.autocast("cpu", enabled=False))
+        assert again == (plans, 0)
     finally:
         conv_gemm.measure_plan = real
     assert torch.equal(torch.get_rng_state(), rng)

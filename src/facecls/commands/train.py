@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import random
 import signal
@@ -123,6 +124,11 @@ def train(
             return _train_in(folder, recipe, Path(data_dir), env, console, resumed, manifest, offline, device)
         finally:
             folder.release()
+            # The run's loaders keep their worker processes, and the loop and its callbacks refer to each
+            # other, so only the garbage collector frees them. Left to chance it may first run inside the
+            # next run's forked loader worker, where the old loader's clean-up fails noisily ("can only test
+            # a child process", seen in `facecls demo`); collected here, the workers stop in this process.
+            gc.collect()
 
 
 def _train_in(folder, recipe, data_dir, env, console, resumed, manifest, offline, device) -> TrainResult:

@@ -209,15 +209,16 @@ class Loop:
         size = s.preprocess.input_size
         example = torch.zeros(s.micro_batch, 3, size, size, device=s.runtime.device)
         started = time.perf_counter()
-        measured = conv_gemm.measure_model_plans(
+        plans, measured = conv_gemm.measure_model_plans(
             self.model, example.contiguous(memory_format=torch.channels_last), s.runtime.autocast()
         )
         if not measured:
             return
-        gemm = sum(plan.any_gemm for plan in conv_gemm.plans_measured().values())
+        gemm = sum(plan.any_gemm for plan in plans.values())
         self.console.log(
-            f"{measured} convolution shapes timed in {time.perf_counter() - started:.1f} s: {gemm} train faster "
-            "with matrix products for some of their products (speed.conv_gemm=false: oneDNN's kernels only)"
+            f"{measured} convolution shapes timed in {time.perf_counter() - started:.1f} s; {gemm} of the model's "
+            f"{len(plans)} train faster with matrix products for some of their products "
+            "(speed.conv_gemm=false: oneDNN's kernels only)"
         )
         try:
             conv_gemm.save_plans_file(plans_file)

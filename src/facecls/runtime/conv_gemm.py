@@ -220,11 +220,15 @@ def measure_plan(x_shape, weight_shape, has_bias: bool, stride: Pair, padding: P
 _PLANS: dict[tuple, ConvPlan] = {}
 
 
+def _key(x: torch.Tensor, weight: torch.Tensor, has_bias: bool, stride: Pair, padding: Pair) -> tuple:
+    return (tuple(x.shape[1:]), tuple(weight.shape), has_bias, tuple(stride), tuple(padding), x.dtype,
+            torch.get_num_threads())  # fmt: skip
+
+
 def plan_for(x: torch.Tensor, weight: torch.Tensor, has_bias: bool, stride: Pair, padding: Pair) -> ConvPlan:
     """The measured plan for this shape, measured at its first use in the process. The batch size is not
     part of the key (an epoch's last, smaller batch keeps the plan its full batches measured)."""
-    key = (tuple(x.shape[1:]), tuple(weight.shape), has_bias, tuple(stride), tuple(padding), x.dtype,
-           torch.get_num_threads())  # fmt: skip
+    key = _key(x, weight, has_bias, stride, padding)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _PLANS[key] = measure_plan(tuple(x.shape), tuple(weight.shape), has_bias, stride, padding, x.dtype)
@@ -282,17 +286,20 @@ def save_plans_file(path: Path) -> None:
     write_text(path, json.dumps(export_plans()) + "\n")
 
 
-def measure_model_plans(model: nn.Module, example: torch.Tensor, autocast) -> int:
+def measure_model_plans(model: nn.Module, example: torch.Tensor, autocast) -> tuple[dict[tuple, ConvPlan], int]:
     """Measure, before training, the plan of every :class:`GemmConv2d` shape a training batch like
     ``example`` meets in ``model``, in one forward pass without gradients and in eval mode: the model's
     weights, BatchNorm statistics and the RNG are left as they were. ``autocast``: the training's autocast
-    context. Returns how many shapes were measured (those already known are not measured again)."""
+    context. Returns the plans of the model's shapes and how many of them were measured now (those already
+    known are not measured again)."""
     before = len(_PLANS)
+    met: dict[tuple, ConvPlan] = {}
 
     def plan_input(module: GemmConv2d, args) -> None:
         x, weight, bias = module._operands(args[0])
         if x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            plan_for(x, weight, bias is not None, module.stride, module.padding)
+            plan = plan_for(x, weight, bias is not None, module.stride, module.padding)
+            met[_key(x, weight, bias is not None, module.stride, module.padding)] = plan
 
     modes = {module: module.training for module in model.modules()}
     hooks = [m.register_forward_pre_hook(plan_input) for m in model.modules() if isinstance(m, GemmConv2d)]
@@ -305,7 +312,7 @@ def measure_model_plans(model: nn.Module, example: torch.Tensor, autocast) -> in
             hook.remove()
         for module, training in modes.items():
             module.training = training
-    return len(_PLANS) - before
+    return met, len(_PLANS) - before
 
 
 class GemmConv2d(nn.Conv2d):
