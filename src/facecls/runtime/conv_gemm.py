@@ -11,8 +11,10 @@ product (output, input gradient, weight gradient) and by CPU kind, so nothing he
 convolution shape met in training, the three products are timed both ways on synthetic tensors of that
 shape, and the faster is kept (by a 10% margin, else oneDNN). Timings differ from run to run, and so would
 the sums, so a plan is measured once per machine (before a run's first step: :func:`measure_model_plans`)
-and kept in facecls's cache (:func:`machine_plans_file`) for every later run there: the same seed gives the
-same numbers, as before. A resumed run adopts the plans its checkpoint holds, wherever it resumes.
+and kept in facecls's cache (:func:`machine_plans_file`) for every later run there: on one machine the same
+seed gives the same numbers, as before. Another machine may time other plans and sum in another order (as
+cuDNN's benchmark mode does on GPUs); ``speed.conv_gemm=false`` gives numbers that depend on the CPU kind
+only (the demo does that). A resumed run adopts the plans its checkpoint holds, wherever it resumes.
 
 Whole training steps on the AMX Xeon, bf16: ResNet-50 at 112 / 160 / 224 px 1.18 / 1.10 / 1.08x at
 batch 32 and 1.15 / - / 1.02x at batch 64, InceptionResNetV1 at 160 px 1.15x (batch 32) and 1.04x (batch
