@@ -167,6 +167,15 @@ def test_relu_and_relu6_on_the_bits_equal_atens_bit_for_bit():
     assert BitsReLU()(negative.view(torch.bfloat16)).eq(0).all()
 
 
+def _bf16_step(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The output of one forward under bf16 autocast and every parameter's gradient after its backward."""
+    torch.manual_seed(1)  # the same dropout mask for every model
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().pow(2).sum().backward()
+    return [out, *(p.grad for p in model.parameters())]
+
+
 def test_a_torchvision_model_with_relu_on_the_bits_trains_bit_for_bit_as_with_atens():
     torch.manual_seed(0)
     plain = mobilenet_v2(weights=None, num_classes=5).to(memory_format=torch.channels_last)
@@ -174,14 +183,7 @@ def test_a_torchvision_model_with_relu_on_the_bits_trains_bit_for_bit_as_with_at
     bits.load_state_dict(plain.state_dict())
     assert use_bits_relu(bits) == 35
     x = torch.randn(4, 3, 48, 48).contiguous(memory_format=torch.channels_last)
-    results = []
-    for model in (plain, bits):
-        torch.manual_seed(1)  # the same dropout mask
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x)
-        out.float().pow(2).sum().backward()
-        results.append([out, *(p.grad for p in model.parameters())])
-    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(_bf16_step(plain, x), _bf16_step(bits, x), strict=True))
 
 
 def test_relu_on_the_bits_is_on_for_cpu_bf16_training_only():
@@ -205,13 +207,7 @@ def test_resnet_blocks_adding_out_of_place_train_bit_for_bit_as_torchvisions(bui
     assert use_out_of_place_residuals(switched) == blocks
     assert list(switched.state_dict()) == keys and sum(type(m) is kind for m in switched.modules()) == blocks
     x = torch.randn(2, 3, 40, 40).contiguous(memory_format=torch.channels_last)
-    results = []
-    for model in (plain, switched):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x)
-        out.float().pow(2).sum().backward()
-        results.append([out, *(p.grad for p in model.parameters())])
-    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(_bf16_step(plain, x), _bf16_step(switched, x), strict=True))
 
 
 def test_out_of_place_residuals_are_on_for_cpu_bf16_training_only():

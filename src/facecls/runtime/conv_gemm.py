@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from facecls.core.atomic import write_text
+from facecls.runtime.cpu_kernels import switch_modules
 from facecls.runtime.machine import cpu_info
 
 # A product is done as GEMM only when it measured at most this fraction of oneDNN's time: timings on a
@@ -117,11 +118,11 @@ def _as_rows(grad_out: torch.Tensor) -> torch.Tensor:
     return grad_out.permute(0, 2, 3, 1).reshape(-1, grad_out.shape[1])
 
 
-def _onednn_backward(grad_out, x, weight, has_bias: bool, stride, padding, mask: list[bool]):
+def _onednn_backward(grad_out, x, weight, stride, padding, mask: list[bool]):
+    """oneDNN's input and/or weight gradient (``mask``); the bias gradient is summed by the caller."""
     return torch.ops.aten.convolution_backward(
-        grad_out, x, weight, [weight.shape[0]] if has_bias else None,
-        list(stride), list(padding), [1, 1], False, [0, 0], 1, mask,
-    )  # fmt: skip
+        grad_out, x, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1, mask + [False]
+    )
 
 
 class _PlannedConv(torch.autograd.Function):
@@ -147,9 +148,9 @@ class _PlannedConv(torch.autograd.Function):
         grad_out = grad_out.contiguous(memory_format=torch.channels_last)
         kernel = tuple(weight.shape[2:])
         grad_x = grad_w = grad_b = None
-        onednn = [need_x and not plan.input_grad, need_w and not plan.weight_grad, False]
+        onednn = [need_x and not plan.input_grad, need_w and not plan.weight_grad]
         if any(onednn):
-            grad_x, grad_w, _ = _onednn_backward(grad_out, x, weight, False, stride, padding, onednn)
+            grad_x, grad_w, _ = _onednn_backward(grad_out, x, weight, stride, padding, onednn)
         rows = _as_rows(grad_out) if (need_x and plan.input_grad) or (need_w and plan.weight_grad) or need_b else None
         if need_x and plan.input_grad:
             grad_x = fold(rows @ _weight_matrix(weight), x.shape, kernel, stride, padding, tuple(grad_out.shape[2:]))
@@ -192,7 +193,7 @@ def measure_plan(x_shape, weight_shape, has_bias: bool, stride: Pair, padding: P
         rows = _as_rows(grad_out)
 
         def onednn(mask):
-            return lambda: _onednn_backward(grad_out, x, weight, False, stride, padding, mask)
+            return lambda: _onednn_backward(grad_out, x, weight, stride, padding, mask)
 
         def unfolded():
             return unfold(x, kernel, stride, padding)
@@ -203,9 +204,9 @@ def measure_plan(x_shape, weight_shape, has_bias: bool, stride: Pair, padding: P
             lambda: fold(rows @ _weight_matrix(weight), x.shape, kernel, stride, padding, out_hw)
         )
         weight_gemm = _fastest_time(lambda: rows.t() @ unfolded())
-        input_onednn = _fastest_time(onednn([True, False, False]))
-        weight_onednn = _fastest_time(onednn([False, True, False]))
-        both_onednn = _fastest_time(onednn([True, True, False]))
+        input_onednn = _fastest_time(onednn([True, False]))
+        weight_onednn = _fastest_time(onednn([False, True]))
+        both_onednn = _fastest_time(onednn([True, True]))
     # The backward as one oneDNN call, or either product (or both) as GEMM: the fastest of the four.
     backward = {
         (False, False): both_onednn,
@@ -367,9 +368,4 @@ def is_plannable(module: nn.Module) -> bool:
 def use_gemm_convolutions(model: nn.Module) -> int:
     """Switch every plain convolution of ``model`` (groups 1, dilation 1, zero padding) to
     :class:`GemmConv2d` (in place; parameters and state-dict keys unchanged). Returns how many."""
-    switched = 0
-    for module in model.modules():
-        if is_plannable(module):
-            module.__class__ = GemmConv2d
-            switched += 1
-    return switched
+    return switch_modules(model, lambda m: GemmConv2d if is_plannable(m) else None)

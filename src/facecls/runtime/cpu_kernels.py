@@ -82,15 +82,23 @@ def is_strided_depthwise(module: nn.Module) -> bool:
     )
 
 
+def switch_modules(model: nn.Module, new_class: Callable[[nn.Module], type[nn.Module] | None]) -> int:
+    """Give each module of ``model`` for which ``new_class`` names a class that class, in place. The classes
+    switched to here subclass the module's own and change only ``forward``: parameters, buffers and
+    state-dict keys stay. Returns how many modules were switched."""
+    switched = 0
+    for module in model.modules():
+        cls = new_class(module)
+        if cls is not None:
+            module.__class__ = cls
+            switched += 1
+    return switched
+
+
 def use_fp32_input_grad_for_strided_depthwise(model: nn.Module) -> int:
     """Switch every strided depthwise convolution of ``model`` to :class:`DepthwiseConvFp32InputGrad` (in
     place; parameters and state-dict keys unchanged). Returns how many were switched."""
-    switched = 0
-    for module in model.modules():
-        if is_strided_depthwise(module):
-            module.__class__ = DepthwiseConvFp32InputGrad
-            switched += 1
-    return switched
+    return switch_modules(model, lambda m: DepthwiseConvFp32InputGrad if is_strided_depthwise(m) else None)
 
 
 # ReLU and ReLU6 on bf16 activations (ResNet-50 has 49, InceptionResNetV1 about 130, MobileNetV2 35 ReLU6):
@@ -165,16 +173,7 @@ class BitsReLU6(nn.ReLU6):
 def use_bits_relu(model: nn.Module) -> int:
     """Switch every ``nn.ReLU`` and ``nn.ReLU6`` of ``model`` to :class:`BitsReLU` / :class:`BitsReLU6` (in
     place; no parameters). Returns how many were switched."""
-    switched = 0
-    for module in model.modules():
-        if type(module) is nn.ReLU:
-            module.__class__ = BitsReLU
-        elif type(module) is nn.ReLU6:
-            module.__class__ = BitsReLU6
-        else:
-            continue
-        switched += 1
-    return switched
+    return switch_modules(model, lambda m: {nn.ReLU: BitsReLU, nn.ReLU6: BitsReLU6}.get(type(m)))
 
 
 # Residual adds on bf16 activations: ATen's in-place bf16 elementwise kernels run at well under half the speed
@@ -209,12 +208,7 @@ def use_out_of_place_residuals(model: nn.Module) -> int:
     """Switch every torchvision ``Bottleneck`` / ``BasicBlock`` of ``model`` to its out-of-place form (in
     place; the same parameters and state-dict keys). Returns how many were switched."""
     swaps = {Bottleneck: OutOfPlaceBottleneck, BasicBlock: OutOfPlaceBasicBlock}
-    switched = 0
-    for module in model.modules():
-        if type(module) in swaps:
-            module.__class__ = swaps[type(module)]
-            switched += 1
-    return switched
+    return switch_modules(model, lambda m: swaps.get(type(m)))
 
 
 # PReLU in training (SFace has 27): ATen's CPU kernel for its backward is a slow generic loop. Measured on
