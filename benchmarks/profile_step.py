@@ -124,7 +124,8 @@ def markdown(name: str, size: int, batch_size: int, runtime: dict, summary: dict
         f"workers {runtime['workers']}, depthwise_fp32_input_grad {runtime['depthwise_fp32_input_grad']}, "
         f"compiled_prelu {runtime.get('compiled_prelu', False)}, "
         f"bf16_relu_bits {runtime.get('bf16_relu_bits', False)}, conv_gemm {runtime.get('conv_gemm', False)}, "
-        f"bf16_out_of_place_residuals {runtime.get('bf16_out_of_place_residuals', False)}",
+        f"bf16_out_of_place_residuals {runtime.get('bf16_out_of_place_residuals', False)}, "
+        f"fused_bn_prelu {runtime.get('fused_bn_prelu', False)}",
         "",
         "| operator | self CPU ms per step | % of step | calls per step |",
         "|---|---|---|---|",

@@ -25,6 +25,7 @@ from facecls.models.registry import FaceClassifier, create_model, default_flip_t
 from facecls.models.weights import load_backbone_weights, read_state_dict, resolve_weights_file
 from facecls.runtime.cpu_kernels import use_compiled_prelu
 from facecls.runtime.distributed import DistEnv, convert_sync_batchnorm
+from facecls.runtime.fused_bn import use_fused_batchnorm_prelu
 from facecls.runtime.speed import Runtime, prepare_training_model
 
 SINGLE_PROCESS = DistEnv()
@@ -314,6 +315,12 @@ def build_training(
             console.warn(f"PReLU layers train uncompiled (slower): {why_not}")
         elif switched:
             console.log(f"{switched} PReLU layers compiled for training (speed.compiled_prelu=false: ATen's kernels)")
+    if runtime.fused_bn_prelu and finetune_epochs(recipe.train) > 0:
+        switched, why_not = use_fused_batchnorm_prelu(model, runtime.amp_dtype or torch.float32)
+        if why_not:
+            console.warn(f"BatchNorm + PReLU layers train with ATen's kernels (slower): {why_not}")
+        elif switched:
+            console.log(f"{switched} BatchNorm + PReLU pairs fused for training (speed.fused_bn_prelu=false: not)")
     normalize = Normalize(data.preprocess.mean, data.preprocess.std, runtime.channels_last).to(runtime.device)
     optimizer = build_optimizer(model, recipe)
     loaders = {"workers": runtime.workers, "pin_memory": runtime.pin_memory}

@@ -48,6 +48,7 @@ class Runtime:
     compiled_prelu: bool = False
     bf16_relu_bits: bool = False
     conv_gemm: bool = False
+    fused_bn_prelu: bool = False
     bf16_out_of_place_residuals: bool = False
 
     @property
@@ -135,6 +136,8 @@ def resolve_runtime(config: SpeedConfig, device: str | None = None, local_rank: 
         bf16_out_of_place_residuals=config.bf16_out_of_place_residuals and device == "cpu" and precision == "bf16",
         # Its plans are timed in Python at a shape's first use, which a compiled graph cannot hold.
         conv_gemm=config.conv_gemm and device == "cpu" and not config.compile,
+        # Its kernels are compiled graphs of their own, which a compiled model would trace through instead.
+        fused_bn_prelu=config.fused_bn_prelu and device == "cpu" and not config.compile,
     )
 
 
