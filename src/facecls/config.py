@@ -277,7 +277,7 @@ class SpeedConfig:
     slower than its out-of-place one); the same sums."""
     fused_bn_prelu: bool = True
     """CPU training without speed.compile: each BatchNorm followed by a PReLU (SFace's 27) runs as two
-    compiled passes forward and two backward instead of ATen's five to six (SFace's step 1.19x on the AMX
+    compiled passes forward and two backward instead of ATen's five to six (SFace's step 1.27-1.31x on the AMX
     Xeon; compiled once per process, about 15 s the first time on a machine, then from inductor's cache)."""
     conv_gemm: bool = True
     """CPU training without speed.compile: each convolution shape times its output, input gradient and weight

@@ -7,7 +7,8 @@ their backward as three to four more. Here the forward is one pass for the per-c
 normalises and applies PReLU; the backward one pass for the gradient sums and one for the input gradient,
 the normalised value recomputed from the saved BatchNorm input, not stored. The passes are
 inductor-generated kernels (a C++ compiler is needed, as for speed.compiled_prelu). On fresh activations of
-a batch of 64 the pair ran 1.15x (7 x 7 maps) to 1.8x (112 x 112) faster; SFace's whole step 1.19x.
+a batch of 64 the pair ran 1.3x (7 x 7 maps) to 2.2x (112 x 112) faster; SFace's whole step 1.27x (batch
+32) and 1.31x (batch 64) on the AMX Xeon (benchmarks/ab_steps.py).
 
 The same fusion for ReLU (ResNet-50, InceptionResNetV1) and ReLU6 (MobileNetV2) measured 1.2-1.45x for the
 pair alone on maps of 56 x 56 and up, slower on smaller ones, and 0.98-1.04x for the whole step: not done.
