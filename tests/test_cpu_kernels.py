@@ -133,9 +133,11 @@ def test_compiled_prelu_is_used_only_where_the_backbone_trains(tmp_path, faces_d
         assert kinds
         return kinds
 
-    assert prelus(fine_tune) == {CompiledPReLU}
+    unfused = [*fine_tune, "speed.fused_bn_prelu=false"]  # else SFace's PReLUs all run in fused pairs
+    assert prelus(unfused) == {CompiledPReLU}
+    assert prelus(fine_tune) == {nn.PReLU}
     assert prelus([]) == {nn.PReLU}  # the recipe as it is: a head on stored features, the backbone never trains
-    assert prelus([*fine_tune, "speed.compiled_prelu=false"]) == {nn.PReLU}
+    assert prelus([*unfused, "speed.compiled_prelu=false"]) == {nn.PReLU}
 
 
 def test_relu_and_relu6_on_the_bits_equal_atens_bit_for_bit():

@@ -86,6 +86,9 @@ def test_where_it_does_not_apply_it_is_the_modules_exactly():
         with torch.set_grad_enabled(grad):
             assert torch.equal(batch_norm_prelu(bn, inp, prelu), prelu(bn(inp))), name
     bn.train()
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(_batchnorm(8)))[0]  # train.sync_bn's
+    inp = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch_norm_prelu(synced, inp, prelu), prelu(synced(inp)))
     with pytest.raises(ValueError, match="more than 1 value per channel"):  # ATen's own error
         batch_norm_prelu(bn, torch.randn(1, 8, 1, 1).contiguous(memory_format=torch.channels_last), prelu)
 

@@ -25,7 +25,7 @@ from facecls.models.registry import FaceClassifier, create_model, default_flip_t
 from facecls.models.weights import load_backbone_weights, read_state_dict, resolve_weights_file
 from facecls.runtime.cpu_kernels import use_compiled_prelu
 from facecls.runtime.distributed import DistEnv, convert_sync_batchnorm
-from facecls.runtime.fused_bn import use_fused_batchnorm_prelu
+from facecls.runtime.fused_bn import FusedConvBNPReLU, use_fused_batchnorm_prelu
 from facecls.runtime.speed import Runtime, prepare_training_model
 
 SINGLE_PROCESS = DistEnv()
@@ -309,18 +309,20 @@ def build_training(
     if recipe.train.sync_bn and env.enabled:
         model = convert_sync_batchnorm(model, runtime.device)
     model = prepare_training_model(model, runtime)
+    fused_prelus: list[nn.Module] = []
+    if runtime.fused_bn_prelu and finetune_epochs(recipe.train) > 0:
+        switched, why_not = use_fused_batchnorm_prelu(model, runtime.amp_dtype or torch.float32)
+        if why_not:
+            console.warn(f"BatchNorm + PReLU pairs train unfused (slower): {why_not}")
+        elif switched:
+            console.log(f"{switched} BatchNorm + PReLU pairs fused for training (off: speed.fused_bn_prelu=false)")
+        fused_prelus = [m.act for m in model.modules() if isinstance(m, FusedConvBNPReLU)]
     if runtime.compiled_prelu and finetune_epochs(recipe.train) > 0:
-        switched, why_not = use_compiled_prelu(model)
+        switched, why_not = use_compiled_prelu(model, skip=fused_prelus)  # the fused pairs apply their own
         if why_not:
             console.warn(f"PReLU layers train uncompiled (slower): {why_not}")
         elif switched:
             console.log(f"{switched} PReLU layers compiled for training (speed.compiled_prelu=false: ATen's kernels)")
-    if runtime.fused_bn_prelu and finetune_epochs(recipe.train) > 0:
-        switched, why_not = use_fused_batchnorm_prelu(model, runtime.amp_dtype or torch.float32)
-        if why_not:
-            console.warn(f"BatchNorm + PReLU layers train with ATen's kernels (slower): {why_not}")
-        elif switched:
-            console.log(f"{switched} BatchNorm + PReLU pairs fused for training (speed.fused_bn_prelu=false: not)")
     normalize = Normalize(data.preprocess.mean, data.preprocess.std, runtime.channels_last).to(runtime.device)
     optimizer = build_optimizer(model, recipe)
     loaders = {"workers": runtime.workers, "pin_memory": runtime.pin_memory}

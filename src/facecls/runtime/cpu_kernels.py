@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 from torch import nn
@@ -244,11 +244,12 @@ class CompiledPReLU(nn.PReLU):
         return _prelu()(x, self.weight.view(-1))
 
 
-def use_compiled_prelu(model: nn.Module) -> tuple[int, str | None]:
-    """Switch every ``nn.PReLU`` of ``model`` to :class:`CompiledPReLU` (in place), once a forward and
-    backward through the compiled op have worked here in fp32 and in bf16 (inductor needs a C++ compiler).
-    Returns (how many were switched, None) or (0, why not)."""
-    prelus = [m for m in model.modules() if type(m) is nn.PReLU]
+def use_compiled_prelu(model: nn.Module, skip: Collection[nn.Module] = ()) -> tuple[int, str | None]:
+    """Switch every ``nn.PReLU`` of ``model`` but those in ``skip`` to :class:`CompiledPReLU` (in place), once a
+    forward and backward through the compiled op have worked here in fp32 and in bf16 (inductor needs a C++
+    compiler). Returns (how many were switched, None) or (0, why not)."""
+    skipped = {id(m) for m in skip}
+    prelus = [m for m in model.modules() if type(m) is nn.PReLU and id(m) not in skipped]
     if not prelus:
         return 0, None
     try:

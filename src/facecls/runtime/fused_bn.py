@@ -149,6 +149,7 @@ class _BatchNormPReLU(torch.autograd.Function):
 def _fuses(bn: nn.BatchNorm2d, x: torch.Tensor) -> bool:
     return (
         ENABLED
+        and type(bn) is nn.BatchNorm2d  # not SyncBatchNorm (train.sync_bn): its statistics span processes
         and bn.training
         and bn.affine
         and torch.is_grad_enabled()
