@@ -54,6 +54,25 @@ def test_strided_depthwise_matches_the_plain_convolution():
     assert all(torch.equal(a, b) for a, b in zip(_grads(switched, x, False), reference, strict=True))
 
 
+@pytest.mark.parametrize("side", [14, 15])  # an even and an odd input: the transposed convolution's last row
+@pytest.mark.parametrize("kernel, padding, dilation", [(3, 1, 1), (5, 2, 1), (3, 2, 2)])
+def test_strided_depthwise_input_gradient_is_convolution_backward_in_fp32(side, kernel, padding, dilation):
+    torch.manual_seed(side + kernel)
+    layer = nn.Conv2d(8, 8, kernel, stride=2, padding=padding, dilation=dilation, groups=8, bias=False)
+    layer = layer.to(memory_format=torch.channels_last)
+    use_fp32_input_grad_for_strided_depthwise(layer)
+    x = torch.randn(3, 8, side, side).contiguous(memory_format=torch.channels_last).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    want = torch.ops.aten.convolution_backward(
+        grad.float(), x.detach().float(), layer.weight.bfloat16().float(), None,
+        [2, 2], [padding] * 2, [dilation] * 2, False, [0, 0], 8, [True, False, False],
+    )[0].bfloat16()  # fmt: skip
+    assert x.grad.shape == x.shape and torch.equal(x.grad, want)
+
+
 def test_mobilenet_v2_switches_its_four_strided_depthwise_layers_and_keeps_its_keys():
     model = mobilenet_v2(weights=None)
     keys = list(model.state_dict())
