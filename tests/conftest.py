@@ -63,6 +63,29 @@ def five_celebrity_aligned(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
+def build_sface(tmp_path: Path, faces_data: Path, monkeypatch: pytest.MonkeyPatch) -> Callable:
+    """``build(overrides, fine_tune=True)``: ``(setup, runtime)`` of the sface recipe as ``facecls train``
+    builds it (engine/builder.build_training), on three ORL identities at 32 px; ``fine_tune`` trains the
+    whole backbone (the recipe as it is fits a head on stored features and never trains it)."""
+    from facecls.config import load_recipe
+    from facecls.engine.builder import build_training
+    from facecls.runtime.speed import resolve_runtime
+
+    monkeypatch.setenv("FACECLS_CACHE", str(tmp_path / "cache"))
+    for i in (1, 2, 3):
+        shutil.copytree(faces_data / "orl" / f"s{i}", tmp_path / "data" / "train" / f"s{i}")
+    base = ["data.input_size=32", "data.resize=32", "train.batch_size=4", "speed.workers=0"]
+    fine_tune_overrides = ["model.head.kind=linear", "train.unfreeze=all", "train.epochs=2"]
+
+    def build(overrides: list[str], fine_tune: bool = True):
+        recipe = load_recipe("sface", [*base, *(fine_tune_overrides if fine_tune else []), *overrides])
+        runtime = resolve_runtime(recipe.speed, "cpu")
+        return build_training(recipe, tmp_path / "data", runtime, offline=True), runtime
+
+    return build
+
+
+@pytest.fixture
 def local_http_server() -> Iterator[Callable[..., ThreadingHTTPServer]]:
     """``start(handler)`` serves ``handler`` on 127.0.0.1 (a free port: ``server_port``) in a thread;
     every server started is shut down at teardown, and a watchdog bounds it even if teardown never runs."""

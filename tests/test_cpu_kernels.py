@@ -1,6 +1,5 @@
 """CPU bf16 work-arounds: same results as the plain layers, switchable, recorded."""
 
-import shutil
 
 import pytest
 import torch
@@ -135,27 +134,17 @@ def test_compiled_prelu_compiles_once_for_every_channel_count_and_batch():
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
 
 
-def test_compiled_prelu_is_used_only_where_the_backbone_trains(tmp_path, faces_data, monkeypatch):
-    from facecls.config import load_recipe
-    from facecls.engine.builder import build_training
-
-    monkeypatch.setenv("FACECLS_CACHE", str(tmp_path / "cache"))
-    for i in (1, 2, 3):
-        shutil.copytree(faces_data / "orl" / f"s{i}", tmp_path / "data" / "train" / f"s{i}")
-    base = ["data.input_size=32", "data.resize=32", "train.batch_size=4", "speed.workers=0"]
-    fine_tune = ["model.head.kind=linear", "train.unfreeze=all", "train.epochs=2"]
-
-    def prelus(overrides: list[str]) -> set[type]:
-        recipe = load_recipe("sface", [*base, *overrides])
-        setup = build_training(recipe, tmp_path / "data", resolve_runtime(recipe.speed, "cpu"), offline=True)
+def test_compiled_prelu_is_used_only_where_the_backbone_trains(build_sface):
+    def prelus(overrides: list[str], fine_tune: bool = True) -> set[type]:
+        setup, _ = build_sface(overrides, fine_tune)
         kinds = {type(m) for m in setup.model.modules() if isinstance(m, nn.PReLU)}
         assert kinds
         return kinds
 
-    unfused = [*fine_tune, "speed.fused_bn_prelu=false"]  # else SFace's PReLUs all run in fused pairs
+    unfused = ["speed.fused_bn_prelu=false"]  # else SFace's PReLUs all run in fused pairs
     assert prelus(unfused) == {CompiledPReLU}
-    assert prelus(fine_tune) == {nn.PReLU}
-    assert prelus([]) == {nn.PReLU}  # the recipe as it is: a head on stored features, the backbone never trains
+    assert prelus([]) == {nn.PReLU}
+    assert prelus([], fine_tune=False) == {nn.PReLU}  # the recipe as it is: the backbone never trains
     assert prelus([*unfused, "speed.compiled_prelu=false"]) == {nn.PReLU}
 
 

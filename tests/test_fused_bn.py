@@ -1,7 +1,6 @@
 """BatchNorm + PReLU fused for CPU training: the modules' numbers, the modules' running statistics, the
 modules themselves wherever it does not apply, and switched on where SFace's backbone trains."""
 
-import shutil
 
 import pytest
 import torch
@@ -9,7 +8,6 @@ from torch import nn
 
 from facecls.models.sface import SFace
 from facecls.runtime.fused_bn import FusedConvBNPReLU, batch_norm_prelu, use_fused_batchnorm_prelu
-from facecls.runtime.speed import resolve_runtime
 
 
 def _prelus(channels: int) -> dict[str, nn.PReLU]:
@@ -121,24 +119,13 @@ def test_sface_switched_keeps_its_weights_and_trains_to_the_same_numbers():
         assert torch.allclose(switched.eval()(x), want, rtol=1e-3, atol=1e-3 * want.abs().max())
 
 
-def test_fused_only_where_the_backbone_trains_and_recorded(tmp_path, faces_data, monkeypatch):
-    from facecls.config import load_recipe
-    from facecls.engine.builder import build_training
-
-    monkeypatch.setenv("FACECLS_CACHE", str(tmp_path / "cache"))
-    for i in (1, 2, 3):
-        shutil.copytree(faces_data / "orl" / f"s{i}", tmp_path / "data" / "train" / f"s{i}")
-    base = ["data.input_size=32", "data.resize=32", "train.batch_size=4", "speed.workers=0"]
-    fine_tune = ["model.head.kind=linear", "train.unfreeze=all", "train.epochs=2"]
-
-    def fused_units(overrides: list[str]) -> tuple[int, bool]:
-        recipe = load_recipe("sface", [*base, *overrides])
-        runtime = resolve_runtime(recipe.speed, "cpu")
-        setup = build_training(recipe, tmp_path / "data", runtime, offline=True)
+def test_fused_only_where_the_backbone_trains_and_recorded(build_sface):
+    def fused_units(overrides: list[str], fine_tune: bool = True) -> tuple[int, bool]:
+        setup, runtime = build_sface(overrides, fine_tune)
         units = sum(type(m) is FusedConvBNPReLU for m in setup.model.modules())
         return units, runtime.as_dict()["fused_bn_prelu"]  # as run.json records it
 
-    assert fused_units(fine_tune) == (27, True)
-    assert fused_units([]) == (0, True)  # the recipe as it is: a head on stored features, the backbone never trains
-    assert fused_units([*fine_tune, "speed.fused_bn_prelu=false"]) == (0, False)
-    assert fused_units([*fine_tune, "speed.compile=true"]) == (0, False)
+    assert fused_units([]) == (27, True)
+    assert fused_units([], fine_tune=False) == (0, True)  # the recipe as it is: the backbone never trains
+    assert fused_units(["speed.fused_bn_prelu=false"]) == (0, False)
+    assert fused_units(["speed.compile=true"]) == (0, False)

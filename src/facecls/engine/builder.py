@@ -309,15 +309,16 @@ def build_training(
     if recipe.train.sync_bn and env.enabled:
         model = convert_sync_batchnorm(model, runtime.device)
     model = prepare_training_model(model, runtime)
+    trains_backbone = finetune_epochs(recipe.train) > 0  # else the CPU training kernels never run
     fused_prelus: list[nn.Module] = []
-    if runtime.fused_bn_prelu and finetune_epochs(recipe.train) > 0:
+    if runtime.fused_bn_prelu and trains_backbone:
         switched, why_not = use_fused_batchnorm_prelu(model, runtime.amp_dtype or torch.float32)
         if why_not:
             console.warn(f"BatchNorm + PReLU pairs train unfused (slower): {why_not}")
         elif switched:
             console.log(f"{switched} BatchNorm + PReLU pairs fused for training (off: speed.fused_bn_prelu=false)")
         fused_prelus = [m.act for m in model.modules() if isinstance(m, FusedConvBNPReLU)]
-    if runtime.compiled_prelu and finetune_epochs(recipe.train) > 0:
+    if runtime.compiled_prelu and trains_backbone:
         switched, why_not = use_compiled_prelu(model, skip=fused_prelus)  # the fused pairs apply their own
         if why_not:
             console.warn(f"PReLU layers train uncompiled (slower): {why_not}")

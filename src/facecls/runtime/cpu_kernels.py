@@ -228,11 +228,17 @@ def _prelu_where(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, x, x * weight)
 
 
-@functools.cache
-def _prelu() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def compile_cpu_kernel(fn: Callable) -> Callable:
+    """``fn`` compiled by inductor with dynamic shapes (one compilation serves every size), as the CPU
+    work-arounds here and in runtime/fused_bn.py use it."""
     # Its first compilation warns that no CUDA runtime was found: noise for a CPU kernel.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    return torch.compile(_prelu_where, dynamic=True)
+    return torch.compile(fn, dynamic=True)
+
+
+@functools.cache
+def _prelu() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return compile_cpu_kernel(_prelu_where)
 
 
 class CompiledPReLU(nn.PReLU):

@@ -22,7 +22,6 @@ outputs and gradients are closer to float64 ones than ATen's own (test).
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable
 
 import torch
@@ -30,7 +29,7 @@ from torch import nn
 
 from facecls.core.errors import first_line
 from facecls.models.sface import ConvBNPReLU
-from facecls.runtime.cpu_kernels import switch_modules
+from facecls.runtime.cpu_kernels import compile_cpu_kernel, switch_modules
 
 # Read at every call: benchmarks/ab_steps.py turns the fused passes off and on between blocks of steps.
 ENABLED = True
@@ -100,10 +99,7 @@ def _backward_input(g, x, scale, shift, slope, c1, c2):
 
 @functools.cache
 def _kernels() -> dict[str, Callable]:
-    # Its first compilation warns that no CUDA runtime was found: noise for CPU kernels.
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    functions = (_sums, _forward, _backward_sums, _backward_input)
-    return {f.__name__: torch.compile(f, dynamic=True) for f in functions}
+    return {f.__name__: compile_cpu_kernel(f) for f in (_sums, _forward, _backward_sums, _backward_input)}
 
 
 class _BatchNormPReLU(torch.autograd.Function):
