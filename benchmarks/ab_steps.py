@@ -4,9 +4,13 @@ Separate processes differ by up to 15% on these shared machines (benchmarks/RESU
 than many of the choices measured here, so this builds one training run of the throughput benchmark's
 facecls side and alternates blocks of steps with a switch of `facecls.runtime` on and off: same memory, same
 convolution plans, same data. The switch is the module attribute ``--switch`` names, which the runtime reads
-at every step (for example ``facecls.runtime.fused_bn:ENABLED``).
+at every step (for example ``facecls.runtime.fused_bn:ENABLED``), or ``compile``: the step through
+``torch.compile`` of the model (on) against the model itself (off), the two sharing parameters and optimizer;
+compiled, facecls's eager CPU kernels step aside (they check ``torch.compiler.is_compiling()``), as with
+``speed.compile: true``.
 
     python benchmarks/ab_steps.py --model sface@112 --switch facecls.runtime.fused_bn:ENABLED
+    python benchmarks/ab_steps.py --model resnet50@224 --switch compile
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=parse_config, required=True, help="NAME@PX, e.g. sface@112")
-    p.add_argument("--switch", required=True, help="MODULE:ATTRIBUTE, a boolean the runtime reads every step")
+    p.add_argument(
+        "--switch", required=True, help="MODULE:ATTRIBUTE, a boolean the runtime reads every step; or compile"
+    )
     p.add_argument("--rounds", type=int, default=4, help="rounds of one block per setting (default 4)")
     p.add_argument("--steps", type=int, default=3, help="steps per block (default 3)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -44,10 +50,11 @@ def main() -> int:
     args = parse_args()
     from throughput import Facecls, lscpu_summary, make_jpeg_data
 
-    module_name, _, attribute = args.switch.partition(":")
-    module = importlib.import_module(module_name)
-    if not isinstance(getattr(module, attribute, None), bool):
-        raise SystemExit(f"--switch {args.switch}: {module_name} has no boolean {attribute!r}")
+    if args.switch != "compile":
+        module_name, _, attribute = args.switch.partition(":")
+        module = importlib.import_module(module_name)
+        if not isinstance(getattr(module, attribute, None), bool):
+            raise SystemExit(f"--switch {args.switch}: {module_name} has no boolean {attribute!r}")
     name, size = args.model
     steps = args.steps
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,10 +63,24 @@ def main() -> int:
         data = make_jpeg_data(args.faces, work, size, args.identities, per_identity)
         runner = Facecls(name, data, size, args.batch_size, work / "cache", args.set)
         times: dict[bool, list[float]] = {True: [], False: []}
-        runner.train_epoch(max_steps=steps)  # warm-up: compilation, plans, first-touch memory
+        if args.switch == "compile":
+            import torch
+
+            models = {False: runner.model, True: torch.compile(runner.model)}
+
+            def switch(setting: bool) -> None:
+                runner.step_model = models[setting]
+        else:
+
+            def switch(setting: bool) -> None:
+                setattr(module, attribute, setting)
+
+        for setting in (True, False):  # warm-up: compilation, plans, first-touch memory
+            switch(setting)
+            runner.train_epoch(max_steps=steps)
         for r in range(args.rounds):
             for setting in (True, False) if r % 2 == 0 else (False, True):
-                setattr(module, attribute, setting)
+                switch(setting)
                 started = time.perf_counter()
                 images = runner.train_epoch(max_steps=steps)
                 times[setting].append(1000 * (time.perf_counter() - started) / -(-images // args.batch_size))

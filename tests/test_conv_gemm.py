@@ -114,6 +114,17 @@ def test_inference_and_other_formats_take_the_plain_convolution(monkeypatch):
     assert not conv_gemm.plans_measured()
 
 
+def test_switched_off_in_process_the_plain_convolution_trains(monkeypatch):
+    """benchmarks/ab_steps.py turns conv_gemm.ENABLED off between blocks: no plan is looked up then."""
+    monkeypatch.setattr(conv_gemm, "plan_for", lambda *args: pytest.fail("planned while switched off"))
+    monkeypatch.setattr(conv_gemm, "ENABLED", False)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    use_gemm_convolutions(conv)
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    conv(x).sum().backward()
+    assert x.grad is not None and conv.weight.grad is not None
+
+
 def test_plans_are_measured_before_training_once_per_shape_leaving_the_model_as_it_was():
     torch.manual_seed(0)
     model = resnet18(num_classes=3).to(memory_format=torch.channels_last)

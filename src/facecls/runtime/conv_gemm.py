@@ -48,6 +48,9 @@ from facecls.runtime.machine import cpu_info
 GEMM_MARGIN = 0.9
 _REPEATS = 3
 
+# Read at every call: benchmarks/ab_steps.py turns the planned products off and on between blocks of steps.
+ENABLED = True
+
 
 @dataclass(frozen=True)
 class ConvPlan:
@@ -345,7 +348,8 @@ class GemmConv2d(nn.Conv2d):
 
     def _planned(self, x: torch.Tensor) -> bool:
         return (
-            torch.is_grad_enabled()
+            ENABLED
+            and torch.is_grad_enabled()
             and (x.requires_grad or self.weight.requires_grad)
             and x.device.type == "cpu"
             and x.dim() == 4
