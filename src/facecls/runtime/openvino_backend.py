@@ -13,7 +13,9 @@ The choice is ``speed.inference_backend`` (``--backend`` on predict, embed, veri
 the CPU, the CPU has AMX and the job has at least OPENVINO_MIN_IMAGES images (below that the conversion costs
 about what it saves). On a 2-core AVX2-only EPYC (no bf16 in hardware, so fp32 on both sides) OpenVINO was
 only 1.01x (ResNet-50) to 1.19x (SFace) faster than PyTorch eager, after 5-12 s of conversion: PyTorch
-stays the choice there. CPUs with AVX512-BF16 and no AMX are not measured, and keep PyTorch too."""
+stays the choice there; on a 2-core Ice Lake Xeon (AVX-512 without bf16, fp32) 1.06-1.30x eager after 2-5 s
+and 0.93-1.10x what ``predict`` compiles from 5,000 images, so PyTorch there too. CPUs with AVX512-BF16 and
+no AMX are not measured, and keep PyTorch too."""
 
 from __future__ import annotations
 
