@@ -193,13 +193,18 @@ def test_profile_step_tables_name_the_operators(tmp_path, faces_data):
     assert shares["BatchNorm / activations / elementwise"] > 0 and shares["optimizer (step + zero_grad)"] > 0
 
 
-def test_ab_steps_times_both_settings_of_a_switch(tmp_path, faces_data):
-    command = [
+def ab_steps_command(faces_data, model: str, switch: str, rounds: int) -> list[str]:
+    """benchmarks/ab_steps.py at a tiny size: batch 4, one step per block, 3 identities of five_celebrity."""
+    return [
         sys.executable, str(ROOT / "benchmarks" / "ab_steps.py"),
-        "--model", "sface@112", "--switch", "facecls.runtime.fused_bn:ENABLED",
-        "--rounds", "2", "--steps", "1", "--batch-size", "4",
+        "--model", model, "--switch", switch,
+        "--rounds", str(rounds), "--steps", "1", "--batch-size", "4",
         "--faces", str(faces_data / "five_celebrity"), "--identities", "3",
     ]  # fmt: skip
+
+
+def test_ab_steps_times_both_settings_of_a_switch(tmp_path, faces_data):
+    command = ab_steps_command(faces_data, "sface@112", "facecls.runtime.fused_bn:ENABLED", rounds=2)
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
@@ -213,12 +218,7 @@ def test_ab_steps_times_both_settings_of_a_switch(tmp_path, faces_data):
 
 @pytest.mark.slow
 def test_ab_steps_times_the_compiled_step_against_the_eager_one(tmp_path, faces_data):
-    command = [
-        sys.executable, str(ROOT / "benchmarks" / "ab_steps.py"),
-        "--model", "mobilenet_v2@64", "--switch", "compile",
-        "--rounds", "1", "--steps", "1", "--batch-size", "4",
-        "--faces", str(faces_data / "five_celebrity"), "--identities", "3",
-    ]  # fmt: skip
+    command = ab_steps_command(faces_data, "mobilenet_v2@64", "compile", rounds=1)
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     times = re.findall(r"^  (on|off) +ms per step (\d+)", done.stdout, flags=re.M)
