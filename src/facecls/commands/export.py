@@ -35,7 +35,7 @@ from torch import nn
 
 from facecls import __version__
 from facecls.core.console import Console
-from facecls.core.errors import FaceclsError
+from facecls.core.errors import FaceclsError, first_line
 from facecls.core.runs import write_json
 from facecls.engine.inference import LoadedRun, load_run, split_dataset
 from facecls.runtime.onnx_model import OnnxMetadata, OnnxModel, write_metadata
@@ -301,7 +301,7 @@ def _check(proto, onnx) -> None:
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:  # noqa: BLE001 - onnx raises ValidationError, InferenceError
-        raise FaceclsError(f"the exported graph fails onnx.checker: {str(exc).strip().splitlines()[0][:300]}") from None
+        raise FaceclsError(f"the exported graph fails onnx.checker: {first_line(exc, 300)}") from None
 
 
 def _save(proto, path: Path, onnx) -> None:
@@ -393,8 +393,7 @@ def _quantize(float_path: Path, out: Path, mode: str, loader, loaded: LoadedRun,
     except FaceclsError:
         raise
     except Exception as exc:  # noqa: BLE001 - onnxruntime's tools raise anything on a graph they cannot handle
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        raise FaceclsError(f"{mode} int8 quantisation failed: {type(exc).__name__}: {first}") from None
+        raise FaceclsError(f"{mode} int8 quantisation failed: {first_line(exc, 300)}") from None
     finally:
         prepared.unlink(missing_ok=True)
         tmp.unlink(missing_ok=True)

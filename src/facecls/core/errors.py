@@ -15,11 +15,11 @@ def list_for_error(names: list[str], limit: int = 10) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def first_line(exc: BaseException) -> str:
-    """``Type: first line of the message`` (at most 200 characters): a library's failure, in one line of a log
-    or an error message."""
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (at most ``limit`` characters of it): a library's failure, in one
+    line of a log or an error message."""
     lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+    return f"{type(exc).__name__}: {lines[0][:limit]}" if lines else type(exc).__name__
 
 
 class Stopped(FaceclsError):

@@ -18,7 +18,7 @@ import yaml
 from facecls import __version__
 from facecls.config import Recipe, recipe_from_dict, recipe_to_dict
 from facecls.core import atomic
-from facecls.core.errors import FaceclsError
+from facecls.core.errors import FaceclsError, first_line
 
 
 def git_revision() -> str | None:
@@ -83,8 +83,7 @@ def _read_run_file(run: Path, name: str, parse):
         except FaceclsError:
             raise
         except (ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError) as exc:
-            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            what = f"not a valid {name} ({type(exc).__name__}: {detail[:120]})"
+            what = f"not a valid {name} ({first_line(exc, 120)})"
     else:
         what = "empty" if text is not None else "not UTF-8 text"
     raise FaceclsError(

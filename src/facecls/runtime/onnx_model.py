@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from facecls.core.errors import FaceclsError
+from facecls.core.errors import FaceclsError, first_line
 
 FORMAT = "facecls-onnx-1"
 """Value of the ``format`` metadata key; a file without it is not a facecls export."""
@@ -118,8 +118,7 @@ def open_session(path: Path, threads: int | None = None):
     try:
         return ort.InferenceSession(str(path), options, providers=ort.get_available_providers())
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/... for bad files
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise FaceclsError(f"onnxruntime cannot load {path}: {first}") from None
+        raise FaceclsError(f"onnxruntime cannot load {path}: {first_line(exc)}") from None
 
 
 class OnnxModel(nn.Module):
