@@ -200,15 +200,16 @@ def _train_overrides(args) -> list[str]:
 
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
     """``facecls train --nproc N ...``: the same command under torchrun, N processes on this machine.
-    Ctrl-C reaches torchrun and its workers directly (one process group), so this process only waits
-    for them; a SIGTERM sent to it is passed on to torchrun."""
+    Ctrl-C reaches this process and torchrun (torchrun starts each worker in a session of its own and
+    passes the signal on), so this process only waits for them; a SIGTERM sent to it is passed on to
+    torchrun. Either way the workers stop together after a step and save it."""
     # --nproc must go: torchrun's own parser would take it for an ambiguous --nproc-per-node/--nproc_per_node
     rest = [a for i, a in enumerate(argv) if a != "--nproc" and (i == 0 or argv[i - 1] != "--nproc")]
     rest = [a for a in rest if not a.startswith("--nproc=")]
     command = [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "facecls.runtime.torchrun",  # torchrun, ending in one line on Ctrl-C / SIGTERM
         "--standalone",
         f"--nproc_per_node={nproc}",
         "-m",
@@ -548,14 +549,20 @@ def main(argv: list[str] | None = None) -> int:
         reexec_with_jemalloc(["-m", "facecls", *argv])
     parser = build_parser()
     args = parser.parse_args(argv)
+    under_torchrun = real_command_line and int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         code = run_command(args, argv)
         _leave_process_group()
-        if real_command_line and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if under_torchrun:
             _exit_without_teardown(code)
         return code
     except Stopped as exc:
-        print(f"facecls: {exc}", file=sys.stderr)
+        # Every process of a torchrun stopped at the same step (StopOnSignal): one says so for all.
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"facecls: {exc}", file=sys.stderr)
+        if under_torchrun:
+            _leave_process_group()
+            _exit_without_teardown(exc.exit_code)
         return exc.exit_code
     except FaceclsError as exc:
         print(f"facecls: error: {exc}", file=sys.stderr)

@@ -110,8 +110,9 @@ def facecls(env: dict, *args, nproc: int = 1) -> str:
     return out
 
 
-def stopped_after_first_checkpoint(env: dict, args: list[str], nproc: int) -> str:
-    """Start a training run and SIGTERM it as soon as its first last.ckpt exists (epoch 1 is done)."""
+def stopped_after_first_checkpoint(env: dict, args: list[str], nproc: int) -> tuple[str, int]:
+    """Start a training run and SIGTERM it as soon as its first last.ckpt exists (epoch 1 is done); returns
+    its output and exit status."""
     run = Path(args[args.index("--out") + 1])
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(command(args, nproc), env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -123,7 +124,7 @@ def stopped_after_first_checkpoint(env: dict, args: list[str], nproc: int) -> st
         log.seek(0)
         out = log.read()
     assert proc.returncode != 0, f"the run finished before it was stopped:\n{out}"
-    return out
+    return out, proc.returncode
 
 
 def metrics(run: Path) -> list[dict]:
@@ -142,7 +143,7 @@ def assert_rows_close(rows: list[dict], expected: list[dict]) -> None:
     whose update is sign-like for small gradients, so they grow by about lr / |weight| per step: 0.1%
     bounds that growth for lr 1e-3 and a few steps, and a decision can flip for an image at the margin."""
     assert [(r["epoch"], r["phase"], r["lr"]) for r in rows] == [(e["epoch"], e["phase"], e["lr"]) for e in expected]
-    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert len(rows) >= 2
     for row, exp in zip(rows, expected, strict=True):
         frozen = row["phase"] == "frozen"
         for key in ("train_loss", "val_loss"):
@@ -284,6 +285,23 @@ def test_resume_two_processes_with_one(data, env, single_run, tmp_path):
     assert "resuming" in out and "at epoch 2" in out, out
     assert json.loads((run / "run.json").read_text())["batch"]["processes"] == 1
     assert_rows_close(metrics(run), metrics(single_run))
+
+
+def test_stop_signal_stops_every_process_after_one_step_and_resumes_exactly(data, env, tmp_path):
+    """SIGTERM to `facecls train --nproc 2`: torchrun passes it on to both workers, which get it between
+    different operations; they agree on a step, stop after it, rank 0 saves it, and the command ends with
+    143 and one line saying how to resume. The resumed run then ends as the uninterrupted one."""
+    longer = ["--set", "train.epochs=3"]  # two epochs still to go when the first checkpoint is written
+    whole = tmp_path / "whole"
+    facecls(env, *tiny_train(data, whole), *longer, "--nproc", "2")
+    run = tmp_path / "run"
+    out, code = stopped_after_first_checkpoint(env, [*tiny_train(data, run), *longer, "--nproc", "2"], nproc=1)
+    assert code == 128 + signal.SIGTERM, out
+    assert out.count("facecls: stopped (SIGTERM) at the end of epoch") == 1, out
+    assert "Traceback" not in out and "--resume" in out, out
+    resumed = facecls(env, "train", "--resume", run, "--no-progress", "--nproc", "2")
+    assert resumed.count("resuming") == 1, resumed
+    assert_rows_close(metrics(run), metrics(whole))
 
 
 def test_resume_one_process_with_two(data, env, ddp_run, tmp_path):

@@ -30,7 +30,7 @@ from facecls.core.run_folder import RunFolder
 from facecls.engine.builder import TrainingSetup, finetune_epochs, set_phase, uses_stored_features
 from facecls.engine.steps import RunningStats, StepContext, evaluate, train_one_epoch
 from facecls.runtime import conv_gemm
-from facecls.runtime.distributed import barrier
+from facecls.runtime.distributed import all_reduce_sum, barrier
 
 
 @dataclass
@@ -702,30 +702,56 @@ class Checkpoints(Callback):
 
 class StopOnSignal(Callback):
     """The first Ctrl-C (or SIGTERM) asks for a stop: the current optimizer step completes, last.ckpt is
-    saved right there (Checkpoints, which must come before this callback), so the resumed run is exactly
-    the uninterrupted one, and training stops. A second Ctrl-C stops at once, keeping the last checkpoint.
-    Single-process runs only: under torchrun the processes could not agree on the step."""
+    saved right there (Checkpoints, which must come after :attr:`agreement` and before this callback), so
+    the resumed run is exactly the uninterrupted one, and training stops. A second Ctrl-C stops at once,
+    keeping the last checkpoint.
+
+    Under torchrun every process asks on its own: torchrun passes a Ctrl-C or SIGTERM it gets on to each
+    worker (the workers run in sessions of their own, so the terminal's Ctrl-C reaches torchrun alone) and
+    kills them after its --shutdown_timeout (30 s); a cluster's scheduler may signal every process itself.
+    Each process is between different operations when its signal comes, so a flag alone would stop them
+    at different steps, and the first to leave would leave the others waiting in a collective. So after
+    every step, and at every epoch's end, the processes add up their requests in one all-reduce
+    (:attr:`agreement`, a callback of its own that runs before Checkpoints): all stop at the same step,
+    and rank 0 saves it."""
 
     def __init__(self, folder: RunFolder):
         self.folder = folder
         self.previous: dict = {}
         self.signal = signal.SIGINT
+        self.requested = False
+        """This process was asked to stop (under torchrun the processes agree before any acts on it)."""
+        self.agreement = _AgreeOnStop(self)
 
     def on_fit_start(self, loop: Loop) -> None:
-        loop.state.stop_requested = False
-        if loop.setup.env.enabled or threading.current_thread() is not threading.main_thread():
+        loop.state.stop_requested = self.requested = False
+        if threading.current_thread() is not threading.main_thread():
             return
+        together = loop.setup.env.enabled
 
         def request_stop(signum, frame) -> None:
-            if loop.state.stop_requested and signum == signal.SIGINT:
+            if self.requested and signum == signal.SIGINT:
                 raise KeyboardInterrupt
-            if not loop.state.stop_requested:
+            if not self.requested and loop.setup.env.is_main:
                 again = "; Ctrl-C again to stop at once" if signum == signal.SIGINT else ""
                 name = signal.Signals(signum).name
                 os.write(2, f"\n{name}: stopping after this step (saving a checkpoint){again}\n".encode())
-            loop.state.stop_requested, self.signal = True, signum
+            self.requested, self.signal = True, signum
+            if not together:
+                loop.state.stop_requested = True
 
         self.previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def agree(self, loop: Loop) -> None:
+        """Under torchrun: stop when any process was asked to (SIGTERM's name when any got SIGTERM)."""
+        if not loop.setup.env.enabled or loop.state.stop_requested:
+            return
+        asked, terminated = all_reduce_sum(
+            loop.setup.env, [float(self.requested), float(self.requested and self.signal == signal.SIGTERM)]
+        )
+        if asked:
+            loop.state.stop_requested = True
+            self.signal = signal.SIGTERM if terminated else signal.SIGINT
 
     def on_fit_end(self, loop: Loop) -> None:
         for sig, handler in self.previous.items():
@@ -752,7 +778,21 @@ class StopOnSignal(Callback):
         )
 
 
+class _AgreeOnStop(Callback):
+    """:meth:`StopOnSignal.agree` after every step and at every epoch's end, before the checkpoint."""
+
+    def __init__(self, stop: StopOnSignal):
+        self.stop = stop
+
+    def on_step_end(self, loop: Loop, step: int, steps: int, running: RunningStats) -> None:
+        self.stop.agree(loop)
+
+    def on_epoch_end(self, loop: Loop, end: EpochEnd) -> None:
+        self.stop.agree(loop)
+
+
 def run_callbacks(folder: RunFolder, setup: TrainingSetup) -> list[Callback]:
     """What ``facecls train`` hangs on the loop, in the order it must run."""
     every = setup.recipe.train.checkpoint_every
-    return [SchedulerStep(), MetricsLog(folder), Checkpoints(folder, every), StopOnSignal(folder)]
+    stop = StopOnSignal(folder)
+    return [SchedulerStep(), MetricsLog(folder), stop.agreement, Checkpoints(folder, every), stop]
