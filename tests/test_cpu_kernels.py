@@ -14,10 +14,12 @@ from facecls.runtime.cpu_kernels import (
     DepthwiseConvFp32InputGrad,
     OutOfPlaceBasicBlock,
     OutOfPlaceBottleneck,
+    ReLU6FromOutput,
     use_bits_relu,
     use_compiled_prelu,
     use_fp32_input_grad_for_strided_depthwise,
     use_out_of_place_residuals,
+    use_relu6_from_output,
 )
 from facecls.runtime.speed import prepare_training_model, resolve_runtime
 
@@ -203,6 +205,44 @@ def test_relu_on_the_bits_is_on_for_cpu_bf16_training_only():
     assert not resolve_runtime(SpeedConfig(precision="bf16", bf16_relu_bits=False), "cpu").bf16_relu_bits
     model = prepare_training_model(mobilenet_v2(weights=None), on)
     assert sum(type(m) is BitsReLU6 for m in model.modules()) == 35
+
+
+def _fp32_step(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    torch.manual_seed(1)  # the same dropout mask for every model
+    out = model(x)
+    out.pow(2).sum().backward()
+    return [out, *(p.grad for p in model.parameters())]
+
+
+def test_relu6_from_its_output_trains_bit_for_bit_as_atens_without_copying_its_input():
+    torch.manual_seed(0)
+    plain = mobilenet_v2(weights=None, num_classes=5).to(memory_format=torch.channels_last)
+    switched = mobilenet_v2(weights=None, num_classes=5).to(memory_format=torch.channels_last)
+    switched.load_state_dict(plain.state_dict())
+    assert use_relu6_from_output(switched) == 35
+    # inputs at 0 and 6 exactly, and beyond: the gradient's edges
+    x = torch.randn(4, 3, 48, 48).mul_(40).round_().clamp_(-8, 8).contiguous(memory_format=torch.channels_last)
+    assert all(torch.equal(a, b) for a, b in zip(_fp32_step(plain, x), _fp32_step(switched, x), strict=True))
+
+    def clones(model: nn.Module) -> int:
+        with torch.profiler.profile() as prof:
+            model(x).sum().backward()
+        return sum(e.name == "aten::clone" for e in prof.events())
+
+    assert clones(plain) >= 35 and clones(switched) < clones(plain) - 34  # ATen copies each ReLU6's input
+    with torch.no_grad():  # inference takes the plain op
+        assert torch.equal(ReLU6FromOutput(inplace=True)(x.clone()), nn.ReLU6(inplace=True)(x.clone()))
+
+
+def test_relu6_from_its_output_is_on_for_cpu_training_without_compile():
+    on = resolve_runtime(SpeedConfig(precision="fp32"), "cpu")
+    assert on.as_dict()["relu6_from_output"] is True  # recorded in run.json
+    assert not resolve_runtime(SpeedConfig(compile=True), "cpu").relu6_from_output
+    assert not resolve_runtime(SpeedConfig(relu6_from_output=False), "cpu").relu6_from_output
+    model = prepare_training_model(mobilenet_v2(weights=None), on)
+    assert sum(type(m) is ReLU6FromOutput for m in model.modules()) == 35
+    bf16 = prepare_training_model(mobilenet_v2(weights=None), resolve_runtime(SpeedConfig(precision="bf16"), "cpu"))
+    assert sum(type(m) is BitsReLU6 for m in bf16.modules()) == 35  # which does the same on fp32 tensors
 
 
 @pytest.mark.parametrize(

@@ -272,6 +272,10 @@ class SpeedConfig:
     bf16_relu_bits: bool = True
     """CPU bf16: ReLU and ReLU6 layers clamp the activations' bit patterns as int16, 4.7-5.6x faster than
     ATen's in-place bf16 kernels and the same values (but NaN with the sign bit set, which becomes 0)."""
+    relu6_from_output: bool = True
+    """CPU training without speed.compile: in-place ReLU6 layers (MobileNetV2's) take their gradient from their
+    output, as ReLU does, instead of ATen's copy of their input (a pass over each activation); the same
+    gradients."""
     bf16_out_of_place_residuals: bool = True
     """CPU bf16: torchvision ResNet blocks add their shortcut out of place (ATen's in-place bf16 add is 2.3x
     slower than its out-of-place one); the same sums."""

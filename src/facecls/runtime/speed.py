@@ -47,6 +47,7 @@ class Runtime:
     inference_backend: str = "auto"
     compiled_prelu: bool = False
     bf16_relu_bits: bool = False
+    relu6_from_output: bool = False
     conv_gemm: bool = False
     fused_bn_prelu: bool = False
     bf16_out_of_place_residuals: bool = False
@@ -133,6 +134,8 @@ def resolve_runtime(config: SpeedConfig, device: str | None = None, local_rank: 
         inference_backend=config.inference_backend,
         compiled_prelu=config.compiled_prelu and device == "cpu",
         bf16_relu_bits=config.bf16_relu_bits and device == "cpu" and precision == "bf16",
+        # A compiled model has no such copy to save (inductor works on the functional graph).
+        relu6_from_output=config.relu6_from_output and device == "cpu" and not config.compile,
         bf16_out_of_place_residuals=config.bf16_out_of_place_residuals and device == "cpu" and precision == "bf16",
         # Its plans are timed in Python at a shape's first use, which a compiled graph cannot hold.
         conv_gemm=config.conv_gemm and device == "cpu" and not config.compile,
@@ -160,6 +163,10 @@ def prepare_training_model(model: nn.Module, runtime: Runtime) -> nn.Module:
         from facecls.runtime.cpu_kernels import use_bits_relu
 
         use_bits_relu(model)
+    if runtime.relu6_from_output:  # after use_bits_relu: BitsReLU6 does this itself on other tensors
+        from facecls.runtime.cpu_kernels import use_relu6_from_output
+
+        use_relu6_from_output(model)
     if runtime.bf16_out_of_place_residuals:
         from facecls.runtime.cpu_kernels import use_out_of_place_residuals
 
