@@ -179,10 +179,11 @@ def test_relu_and_relu6_on_the_bits_equal_atens_bit_for_bit():
     assert BitsReLU()(negative.view(torch.bfloat16)).eq(0).all()
 
 
-def _bf16_step(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """The output of one forward under bf16 autocast and every parameter's gradient after its backward."""
+def _step(model: nn.Module, x: torch.Tensor, bf16: bool = True) -> list[torch.Tensor]:
+    """The output of one forward (under bf16 autocast with ``bf16``) and every parameter's gradient after its
+    backward."""
     torch.manual_seed(1)  # the same dropout mask for every model
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         out = model(x)
     out.float().pow(2).sum().backward()
     return [out, *(p.grad for p in model.parameters())]
@@ -195,7 +196,7 @@ def test_a_torchvision_model_with_relu_on_the_bits_trains_bit_for_bit_as_with_at
     bits.load_state_dict(plain.state_dict())
     assert use_bits_relu(bits) == 35
     x = torch.randn(4, 3, 48, 48).contiguous(memory_format=torch.channels_last)
-    assert all(torch.equal(a, b) for a, b in zip(_bf16_step(plain, x), _bf16_step(bits, x), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(_step(plain, x), _step(bits, x), strict=True))
 
 
 def test_relu_on_the_bits_is_on_for_cpu_bf16_training_only():
@@ -207,13 +208,6 @@ def test_relu_on_the_bits_is_on_for_cpu_bf16_training_only():
     assert sum(type(m) is BitsReLU6 for m in model.modules()) == 35
 
 
-def _fp32_step(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    torch.manual_seed(1)  # the same dropout mask for every model
-    out = model(x)
-    out.pow(2).sum().backward()
-    return [out, *(p.grad for p in model.parameters())]
-
-
 def test_relu6_from_its_output_trains_bit_for_bit_as_atens_without_copying_its_input():
     torch.manual_seed(0)
     plain = mobilenet_v2(weights=None, num_classes=5).to(memory_format=torch.channels_last)
@@ -222,7 +216,8 @@ def test_relu6_from_its_output_trains_bit_for_bit_as_atens_without_copying_its_i
     assert use_relu6_from_output(switched) == 35
     # inputs at 0 and 6 exactly, and beyond: the gradient's edges
     x = torch.randn(4, 3, 48, 48).mul_(40).round_().clamp_(-8, 8).contiguous(memory_format=torch.channels_last)
-    assert all(torch.equal(a, b) for a, b in zip(_fp32_step(plain, x), _fp32_step(switched, x), strict=True))
+    steps = zip(_step(plain, x, bf16=False), _step(switched, x, bf16=False), strict=True)
+    assert all(torch.equal(a, b) for a, b in steps)
 
     def clones(model: nn.Module) -> int:
         with torch.profiler.profile() as prof:
@@ -257,7 +252,7 @@ def test_resnet_blocks_adding_out_of_place_train_bit_for_bit_as_torchvisions(bui
     assert use_out_of_place_residuals(switched) == blocks
     assert list(switched.state_dict()) == keys and sum(type(m) is kind for m in switched.modules()) == blocks
     x = torch.randn(2, 3, 40, 40).contiguous(memory_format=torch.channels_last)
-    assert all(torch.equal(a, b) for a, b in zip(_bf16_step(plain, x), _bf16_step(switched, x), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(_step(plain, x), _step(switched, x), strict=True))
 
 
 def test_out_of_place_residuals_are_on_for_cpu_bf16_training_only():

@@ -128,12 +128,20 @@ def _clamp_bits(x: torch.Tensor, upper: int | None, inplace: bool) -> torch.Tens
     return bits.clamp(0, limit).view(torch.bfloat16)
 
 
-class _ClampBits(torch.autograd.Function):
+def _clamp_values(x: torch.Tensor, upper: int | None, inplace: bool) -> torch.Tensor:
+    """``x`` clamped to [0, upper] (upper: None or 6), as ATen's ReLU / ReLU6 compute it."""
+    return x.clamp_(0, upper) if inplace else x.clamp(0, upper)
+
+
+class _ClampFromOutput(torch.autograd.Function):
+    """ReLU (upper None) or ReLU6 (upper 6) through ``clamp`` (_clamp_bits or _clamp_values), the backward
+    from the output."""
+
     @staticmethod
-    def forward(ctx, x, upper, inplace):
+    def forward(ctx, x, upper, inplace, clamp):
         if inplace:
             ctx.mark_dirty(x)
-        out = _clamp_bits(x, upper, inplace)
+        out = clamp(x, upper, inplace)
         ctx.upper = upper
         ctx.save_for_backward(out)
         return out
@@ -142,8 +150,8 @@ class _ClampBits(torch.autograd.Function):
     def backward(ctx, grad_out):
         (out,) = ctx.saved_tensors
         if ctx.upper is None:
-            return torch.ops.aten.threshold_backward(grad_out, out, 0), None, None
-        return torch.ops.aten.hardtanh_backward(grad_out, out, 0, ctx.upper), None, None
+            return torch.ops.aten.threshold_backward(grad_out, out, 0), None, None, None
+        return torch.ops.aten.hardtanh_backward(grad_out, out, 0, ctx.upper), None, None, None
 
 
 def _clamps_bits(x: torch.Tensor) -> bool:
@@ -157,7 +165,7 @@ def _clamps_bits(x: torch.Tensor) -> bool:
 
 def _relu_bits(x: torch.Tensor, upper: int | None, inplace: bool) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
-        return _ClampBits.apply(x, upper, inplace)
+        return _ClampFromOutput.apply(x, upper, inplace, _clamp_bits)
     return _clamp_bits(x, upper, inplace)
 
 
@@ -178,20 +186,6 @@ class BitsReLU(nn.ReLU):
 RELU6_FROM_OUTPUT = True
 
 
-class _ReLU6FromOutput(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.mark_dirty(x)
-        out = x.clamp_(0.0, 6.0)
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (out,) = ctx.saved_tensors
-        return torch.ops.aten.hardtanh_backward(grad_out, out, 0.0, 6.0)
-
-
 class ReLU6FromOutput(nn.ReLU6):
     """``nn.ReLU6`` whose in-place form, in training, keeps no copy of its input (see above); otherwise, in
     tracing and in compiling, the plain op. The same outputs and gradients."""
@@ -205,7 +199,7 @@ class ReLU6FromOutput(nn.ReLU6):
             and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling()
         ):
-            return _ReLU6FromOutput.apply(x)
+            return _ClampFromOutput.apply(x, 6, True, _clamp_values)
         return super().forward(x)
 
 
