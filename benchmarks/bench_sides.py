@@ -17,6 +17,8 @@ import sys
 import time
 from collections.abc import Callable
 
+from facecls.runtime.allocator import jemalloc_dirty_decay_ms
+
 NAIVE, NAIVE_ALLOC, FACECLS = "naive", "naive-alloc", "facecls"
 SIDES = (NAIVE, NAIVE_ALLOC, FACECLS)
 _FACECLS_ENV = ("MALLOC_CONF", "OMP_WAIT_POLICY")
@@ -85,6 +87,7 @@ def serve(blocks: dict[str, Callable[[], int]], meta: Callable[[], dict]) -> Non
     sys.stdout = sys.stderr  # anything else the side prints must not reach the protocol
     allocator = {"ld_preload": os.environ.get("LD_PRELOAD", ""), "malloc_conf": os.environ.get("MALLOC_CONF", "")}
     allocator["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "")
+    allocator["jemalloc_dirty_decay_ms"] = jemalloc_dirty_decay_ms()  # in effect, whatever set it
 
     def send(obj: dict) -> None:
         out.write(json.dumps(obj) + "\n")

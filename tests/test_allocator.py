@@ -13,8 +13,9 @@ from facecls.runtime.allocator import JEMALLOC_PATHS, WORKER_DECAY_MS, jemalloc_
 # minor page faults of the second allocation (16,384 when the pages come fresh from the kernel).
 PROBE = """
 import json, resource, sys
-from facecls.runtime.allocator import keep_freed_memory_glibc
-applied = keep_freed_memory_glibc() if sys.argv[1] == "mallopt" else None
+from facecls.runtime.allocator import keep_freed_memory_glibc, keep_freed_memory_jemalloc
+keep = {"mallopt": keep_freed_memory_glibc, "mallctl": keep_freed_memory_jemalloc}.get(sys.argv[1])
+applied = keep() if keep else None
 size = 64 << 20
 first = b"\\x01" * size
 del first
@@ -61,16 +62,35 @@ def test_jemalloc_environment_keeps_freed_memory(monkeypatch):
     assert _probe("none", {**env, "MALLOC_CONF": "background_thread:true"})["faults"] > 10_000
 
 
+@pytest.mark.skipif(not any(os.path.exists(p) for p in JEMALLOC_PATHS), reason="jemalloc is not installed")
+@pytest.mark.parametrize("conf", [None, "background_thread:true"])
+def test_jemalloc_preloaded_by_the_user_is_told_to_keep_freed_memory(monkeypatch, conf):
+    """LD_PRELOAD=libjemalloc set by the user: facecls does not re-exec, so it sets never-purge in place."""
+    for name in ("LD_PRELOAD", "MALLOC_CONF", "FACECLS_JEMALLOC"):
+        monkeypatch.delenv(name, raising=False)
+    env = {**jemalloc_environment(), **({"MALLOC_CONF": conf} if conf else {})}
+    if conf is None:
+        del env["MALLOC_CONF"]
+    assert _probe("none", env)["faults"] > 10_000  # the control: jemalloc's default decay
+    kept = _probe("mallctl", env)
+    assert kept["applied"] is True
+    assert kept["faults"] < 1_000
+
+
+@pytest.mark.skipif(not any(os.path.exists(p) for p in JEMALLOC_PATHS), reason="jemalloc is not installed")
+def test_a_decay_the_user_set_for_jemalloc_stays(monkeypatch):
+    for name in ("LD_PRELOAD", "MALLOC_CONF", "FACECLS_JEMALLOC"):
+        monkeypatch.delenv(name, raising=False)
+    env = {**jemalloc_environment(), "MALLOC_CONF": "dirty_decay_ms:0,muzzy_decay_ms:0"}
+    probe = _probe("mallctl", env)
+    assert probe["applied"] is False
+    assert probe["faults"] > 10_000
+
+
 # Reads jemalloc's decay settings in this process and in a forked child (a DataLoader worker is one).
 FORK_PROBE = """
-import ctypes, json, os
-import facecls.runtime.allocator
-mallctl = ctypes.CDLL(None).mallctl
-mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-def decay():
-    value, size = ctypes.c_ssize_t(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_ssize_t))
-    assert mallctl(b"arena.0.dirty_decay_ms", ctypes.byref(value), ctypes.byref(size), None, 0) == 0
-    return value.value
+import json, os
+from facecls.runtime.allocator import jemalloc_dirty_decay_ms as decay
 read, write = os.pipe()
 if os.fork() == 0:
     os.write(write, str(decay()).encode())

@@ -19,6 +19,7 @@ from facecls import __version__
 from facecls.config import Recipe, recipe_from_dict, recipe_to_dict
 from facecls.core import atomic
 from facecls.core.errors import FaceclsError, first_line
+from facecls.runtime.allocator import jemalloc_dirty_decay_ms
 
 
 def git_revision() -> str | None:
@@ -49,6 +50,7 @@ def environment() -> dict:
         "platform": platform.platform(),
         "git_revision": git_revision(),
         "ld_preload": os.environ.get("LD_PRELOAD", ""),
+        "jemalloc_dirty_decay_ms": jemalloc_dirty_decay_ms(),  # -1: freed memory kept (runtime/allocator.py)
         "command": sys.argv,
     }
 
