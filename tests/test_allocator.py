@@ -110,3 +110,26 @@ def test_forked_loader_workers_purge_what_they_free(monkeypatch):
     done = subprocess.run([sys.executable, "-c", FORK_PROBE], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"parent": -1, "child": WORKER_DECAY_MS}
+
+
+# What the facecls command's start-up leaves in place when it does not re-execute (the argv it would
+# re-execute with exits 3 at once).
+START_PROBE = """
+import json, os, sys
+from facecls.runtime.allocator import jemalloc_dirty_decay_ms, reexec_with_jemalloc
+reexec_with_jemalloc(["-c", "raise SystemExit(3)"])
+print(json.dumps({"decay": jemalloc_dirty_decay_ms(), "omp": os.environ.get("OMP_WAIT_POLICY")}))
+"""
+
+
+@pytest.mark.skipif(not any(os.path.exists(p) for p in JEMALLOC_PATHS), reason="jemalloc is not installed")
+def test_start_up_under_a_users_jemalloc_keeps_memory_and_sleeps_openmp_threads_in_place(monkeypatch):
+    for name in ("LD_PRELOAD", "MALLOC_CONF", "FACECLS_JEMALLOC", "OMP_WAIT_POLICY"):
+        monkeypatch.delenv(name, raising=False)
+    env = {k: v for k, v in jemalloc_environment().items() if k not in ("MALLOC_CONF", "OMP_WAIT_POLICY")}
+    done = subprocess.run([sys.executable, "-c", START_PROBE], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr  # 3 would mean it re-executed
+    assert json.loads(done.stdout) == {"decay": -1, "omp": "passive"}
+    env["OMP_WAIT_POLICY"] = "active"  # the user's choice stays
+    done = subprocess.run([sys.executable, "-c", START_PROBE], env=env, capture_output=True, text=True, timeout=60)
+    assert json.loads(done.stdout)["omp"] == "active"

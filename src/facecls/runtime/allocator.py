@@ -161,6 +161,10 @@ def reexec_with_jemalloc(argv: list[str]) -> None:
             pass
     if not keep_freed_memory_jemalloc():
         keep_freed_memory_glibc()
+    if allocator_wanted() and "torch" not in sys.modules:
+        # The re-exec's OMP_WAIT_POLICY=passive, in place: OpenMP reads it when torch loads it, so a
+        # value set now, before that, takes effect (measured: "active" set here spins the idle threads).
+        os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 
 if jemalloc_loaded() and hasattr(os, "register_at_fork"):
