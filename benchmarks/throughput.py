@@ -61,7 +61,16 @@ from facecls.runtime.speed import CompiledInference, cpu_supports_bf16, resolve_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sides import FACECLS, NAIVE, NAIVE_ALLOC, SideProcess, interleaved, serve, side_environment  # noqa: E402
-from timm_side import BF16_FLAGS, LAYOUT_FLAGS, VARIANTS, find_timm, run_timm, timm_flags, timm_version  # noqa: E402
+from timm_side import (  # noqa: E402
+    BF16_FLAGS,
+    LAYOUT_FLAGS,
+    TIMM_MODELS,
+    VARIANTS,
+    find_timm,
+    run_timm,
+    timm_flags,
+    timm_version,
+)
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 CELEB24 = CHECKOUT.parent / "shared" / "data" / "celeb24"
@@ -539,19 +548,15 @@ def run(args) -> dict:
                 config[block] = interleaved(sides, block, args.rounds)
                 print(f"   {block:8s} {fmt(config[block])}", flush=True)
             meta = sides[FACECLS].call("meta")
+            if timm is None:
+                config["timm"] = {"status": "not run"}
+            else:
+                config["timm"] = timm_between(args, timm, sides[FACECLS], name, size, data, work / "timm")
+            print(f"   timm     {timm_row_text(config['timm'], config['train'][FACECLS])}", flush=True)
         finally:
             for side in sides.values():
                 side.close()
         config.update(meta)
-        if timm is None:
-            config["timm"] = {"status": "not run"}
-        else:
-            optimizer = load_recipe(name).optim.name
-            classes = sum(1 for d in (data / "train").iterdir() if d.is_dir())
-            config["timm"] = run_timm(
-                timm, name, data, size, args.batch_size, classes, args.rounds, optimizer, work / "timm"
-            )
-            print(f"   timm     {timm_row_text(config['timm'], config['train'][FACECLS])}", flush=True)
         print(
             f"   predict setup  compiled: {meta['predict_compiled']}; first pass (with compilation) "
             f"{meta['predict_first_pass_s']:.1f} s",
@@ -569,6 +574,27 @@ def run(args) -> dict:
         results[f"{kind}_peak_gflops"] = {p: max(peaks[kind][p], end_peaks[kind][p]) for p in peaks[kind]}
         results[f"{kind}_peak_gflops_start_end"] = {p: [peaks[kind][p], end_peaks[kind][p]] for p in peaks[kind]}
     return results
+
+
+def timm_between(args, timm, facecls: SideProcess, name: str, size: int, data: Path, workdir: Path) -> dict:
+    """timm's run for the model ``name`` at ``size`` px on ``data``, between two facecls training blocks
+    (the facecls process waits idle meanwhile). timm's process cannot alternate with the others block by
+    block, and this machine's speed drifts by up to 30% over minutes; facecls's speed in the blocks next to
+    timm's run, ``facecls_adjacent_img_s``, is what the facecls / timm ratio compares with."""
+    classes = sum(1 for d in (data / "train").iterdir() if d.is_dir())
+    optimizer = load_recipe(name).optim.name
+    if name not in TIMM_MODELS:
+        return run_timm(timm, name, data, size, args.batch_size, classes, args.rounds, optimizer, workdir)
+    before = facecls.block("train")
+    row = run_timm(timm, name, data, size, args.batch_size, classes, args.rounds, optimizer, workdir)
+    after = facecls.block("train")
+    row["facecls_adjacent_img_s"] = (before[0] + after[0]) / (before[1] + after[1])
+    return row
+
+
+def facecls_over_timm(row: dict, facecls_img_s: float) -> float:
+    """facecls / timm, against facecls's blocks next to timm's run where the run has them."""
+    return row.get("facecls_adjacent_img_s", facecls_img_s) / row["img_s"]
 
 
 def timm_setup(args) -> tuple:
@@ -623,7 +649,10 @@ def timm_row_text(row: dict, facecls_img_s: float) -> str:
     per = "  ".join(
         f"{v} {e['img_s']:.1f}" if "img_s" in e else f"{v} failed: {e['error']}" for v, e in row["variants"].items()
     )
-    return f"{per} img/s; facecls / timm x{facecls_img_s / row['img_s']:.2f}"
+    text = f"{per} img/s; facecls / timm x{facecls_over_timm(row, facecls_img_s):.2f}"
+    if "facecls_adjacent_img_s" in row:
+        text += f" (facecls {row['facecls_adjacent_img_s']:.1f} img/s in the blocks before and after timm's run)"
+    return text
 
 
 def timm_cells(config: dict) -> str:
@@ -633,7 +662,7 @@ def timm_cells(config: dict) -> str:
         return "- | -"
     if row.get("status") != "ok":
         return f"{row.get('status', 'not run').split(' (')[0]} | -"
-    return f"{row['img_s']:.1f} ({row['variant']}) | {config['train'][FACECLS] / row['img_s']:.2f}"
+    return f"{row['img_s']:.1f} ({row['variant']}) | {facecls_over_timm(row, config['train'][FACECLS]):.2f}"
 
 
 def peak_precisions() -> tuple[str, ...]:

@@ -169,6 +169,10 @@ def test_timm_side_runs_both_variants_and_the_table_shows_the_faster(timm_side, 
     config = {"train": {"facecls": 2 * row["img_s"]}, "timm": row}
     assert throughput.timm_cells(config) == f"{row['img_s']:.1f} ({row['variant']}) | 2.00"
     assert throughput.timm_cells({"timm": {"status": "not run"}}) == "not run | -"
+    # facecls's speed in the blocks next to timm's run, where measured, is what the ratio compares with
+    config["timm"] = {**row, "facecls_adjacent_img_s": 3 * row["img_s"]}
+    assert throughput.timm_cells(config).endswith("| 3.00")
+    assert "x3.00 (facecls" in throughput.timm_row_text(config["timm"], config["train"]["facecls"])
 
 
 def test_profile_step_tables_name_the_operators(tmp_path, faces_data):
