@@ -14,8 +14,8 @@ Two ways, chosen at process start:
   ``MALLOC_CONF`` set never to purge (``dirty_decay_ms:-1,muzzy_decay_ms:-1``, the same intent as
   PyTorch's own ``torch.backends.xeon.run_cpu`` launcher). jemalloc must be preloaded, hence the re-exec.
 * jemalloc already preloaded by the user (``LD_PRELOAD``, a common tuning tip) without a decay setting in
-  ``MALLOC_CONF``: its default decay would hand pages back after 10 s, and MobileNetV2 at 112 px trained
-  at 43 img/s under it against 77 for timm's ``train.py`` with never-purge (Ice Lake Xeon, 2026-12-04).
+  ``MALLOC_CONF``: under its default decay MobileNetV2 at 112 px trained no faster than the naive loop
+  (1.01x, Ice Lake Xeon, 2026-12-04), against 1.67x with never-purge set in place.
   The process sets never-purge itself through ``mallctl``; a decay the user wrote in ``MALLOC_CONF`` stays.
 * otherwise, on glibc: ``mallopt`` in this process turns off mmap for large blocks and heap trimming
   (no re-exec needed: glibc reads these at any time, and forked loader workers inherit them).
