@@ -124,10 +124,11 @@ def train(
             return _train_in(folder, recipe, Path(data_dir), env, console, resumed, manifest, offline, device)
         finally:
             folder.release()
-            # The run's loaders keep their worker processes, and the loop and its callbacks refer to each
-            # other, so only the garbage collector frees them. Left to chance it may first run inside the
-            # next run's forked loader worker, where the old loader's clean-up fails noisily ("can only test
-            # a child process", seen in `facecls demo`); collected here, the workers stop in this process.
+            # The loop stops its loader's workers as it ends (stop_workers); a run that failed before it
+            # started still holds them. The loop and its callbacks refer to each other, so only the garbage
+            # collector frees the run. Left to chance it may first run inside the next run's forked loader
+            # worker, where the old loader's clean-up fails noisily ("can only test a child process", seen in
+            # `facecls demo`); collected here, anything left stops in this process.
             gc.collect()
 
 

@@ -27,6 +27,7 @@ from facecls.core.console import Console
 from facecls.core.download import cache_dir
 from facecls.core.errors import Stopped, first_line
 from facecls.core.run_folder import RunFolder
+from facecls.data.pipeline import stop_workers
 from facecls.engine.builder import TrainingSetup, finetune_epochs, set_phase, uses_stored_features
 from facecls.engine.steps import RunningStats, StepContext, evaluate, train_one_epoch
 from facecls.runtime import conv_gemm
@@ -174,6 +175,7 @@ class Loop:
         finally:
             for callback in self.callbacks:
                 callback.on_fit_end(self)
+            stop_workers(self.setup.train_loader)
         return self.state
 
     def _start(self) -> None:
