@@ -25,6 +25,17 @@ def test_cpu_threads_and_workers_never_oversubscribe(monkeypatch):
     assert runtime.threads + runtime.workers <= max(cores, 1 + runtime.workers)
 
 
+@pytest.mark.parametrize("cores, processes, workers", [(16, "1", 15), (16, "2", 7), (64, "1", 16), (1, "1", 1)])
+def test_gpu_runs_give_the_loader_every_core_but_the_main_process(monkeypatch, cores, processes, workers):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr("facecls.runtime.speed.available_cpus", lambda: cores)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+    runtime = resolve_runtime(SpeedConfig(), "cuda:0")
+    assert (runtime.workers, runtime.precision, runtime.pin_memory) == (workers, "bf16", True)
+
+
 def test_speed_threads_and_workers_come_from_the_recipe():
     runtime = resolve_runtime(SpeedConfig(threads=3, workers=0), "cpu")
     assert (runtime.threads, runtime.workers) == (3, 0)
