@@ -580,13 +580,19 @@ def timm_between(args, timm, facecls: SideProcess, name: str, size: int, data: P
     """timm's run for the model ``name`` at ``size`` px on ``data``, between two facecls training blocks
     (the facecls process waits idle meanwhile). timm's process cannot alternate with the others block by
     block, and this machine's speed drifts by up to 30% over minutes; facecls's speed in the blocks next to
-    timm's run, ``facecls_adjacent_img_s``, is what the facecls / timm ratio compares with."""
+    timm's run, ``facecls_adjacent_img_s``, is what the facecls / timm ratio compares with.
+
+    Each of the two is preceded by an untimed block, as timm's speed leaves out its first epoch: the first
+    training block after the prediction passes, or after minutes idle, ran 20-25% slower than the next one
+    (MobileNetV2 at 112 px on the EPYC: 87.9 then 114.1 img/s after predict, 83.1 then 105.1 after 90 s)."""
     classes = sum(1 for d in (data / "train").iterdir() if d.is_dir())
     optimizer = load_recipe(name).optim.name
     if name not in TIMM_MODELS:
         return run_timm(timm, name, data, size, args.batch_size, classes, args.rounds, optimizer, workdir)
+    facecls.block("train")
     before = facecls.block("train")
     row = run_timm(timm, name, data, size, args.batch_size, classes, args.rounds, optimizer, workdir)
+    facecls.block("train")
     after = facecls.block("train")
     row["facecls_adjacent_img_s"] = (before[0] + after[0]) / (before[1] + after[1])
     return row

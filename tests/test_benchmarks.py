@@ -2,6 +2,7 @@
 its timm side reads timm's own log; the per-operator profile of a training step has its tables.
 (Smoke tests on tiny configurations; the speed itself is measured by the benchmarks, never here.)"""
 
+import argparse
 import importlib.util
 import json
 import os
@@ -173,6 +174,30 @@ def test_timm_side_runs_both_variants_and_the_table_shows_the_faster(timm_side, 
     config["timm"] = {**row, "facecls_adjacent_img_s": 3 * row["img_s"]}
     assert throughput.timm_cells(config).endswith("| 3.00")
     assert "x3.00 (facecls" in throughput.timm_row_text(config["timm"], config["train"]["facecls"])
+
+
+def test_facecls_next_to_timm_leaves_out_the_first_block_after_each_wait(tmp_path, monkeypatch):
+    """The first training block after the prediction passes, and after timm's run, ran 20-25% slow (a warm-up
+    timm's own speed leaves out too): the adjacent speed is the second block of each pair."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import throughput
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    (tmp_path / "data" / "train" / "a").mkdir(parents=True)
+    speeds = iter([5.0, 10.0, 6.0, 12.0])  # after predict: first, second; after timm's run: first, second
+
+    class Side:
+        def block(self, command):
+            assert command == "train"
+            return 100, 100 / next(speeds)
+
+    order = []
+    monkeypatch.setattr(throughput, "run_timm", lambda *a: order.append("timm") or {"status": "ok", "img_s": 11.0})
+    args = argparse.Namespace(batch_size=8, rounds=1)
+    row = throughput.timm_between(args, None, Side(), "mobilenet_v2", 112, tmp_path / "data", tmp_path / "timm")
+    assert row["facecls_adjacent_img_s"] == pytest.approx(200 / (100 / 10 + 100 / 12))
+    assert order == ["timm"] and next(speeds, None) is None
 
 
 def test_profile_step_tables_name_the_operators(tmp_path, faces_data):
