@@ -104,7 +104,7 @@ def resolve_runtime(config: SpeedConfig, device: str | None = None, local_rank: 
         workers = config.workers
     elif is_cuda:
         # The GPU waits on the loader's augmentation (about 6 ms per 224 px image and worker): on an H200 with
-        # 8 workers ResNet-50 and MobileNetV2 trained at the same 1,300-1,400 img/s in fp32 and bf16, with and
+        # 8 workers ResNet-50 and MobileNetV2 trained at the same 1,250-1,410 img/s in fp32 and bf16, with and
         # without compile. So every core but the main process's decodes, up to 16.
         workers = min(16, max(1, cores_per_proc - 1))
     else:
