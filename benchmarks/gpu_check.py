@@ -144,14 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, overrides in variants.items():
         for recipe, size in recipes.items():
             # Started only if it should end inside the budget, judged by the longest run of its setting so far.
-            elapsed = time.monotonic() - started
-            if elapsed + longest.get(name, max(longest.values(), default=0.0)) > args.budget * 60:
+            begun = time.monotonic()
+            if begun - started + longest.get(name, max(longest.values(), default=0.0)) > args.budget * 60:
                 print(f"| {recipe} | {size} | {name} | (not run: the {args.budget:g}-minute budget) | | | |")
                 continue
             run = work / "runs" / f"{recipe}-{name}"
             shutil.rmtree(run, ignore_errors=True)
             code, speed, rss, gpu, tail = train_once(data, run, recipe, size, epochs, overrides)
-            seconds = time.monotonic() - started - elapsed
+            seconds = time.monotonic() - begun
             longest[name] = max(longest.get(name, 0.0), seconds)
             rows.append({"recipe": recipe, "size": size, "setting": name, "img_per_s": speed, "exit": code,
                          "peak_gpu_mb": gpu, "peak_rss_mb": rss, "seconds": round(seconds, 1)})  # fmt: skip

@@ -199,13 +199,10 @@ def stop_workers(loader: DataLoader) -> None:
     the main process, and torch waits 5 s for each worker before killing it (40 s at the end of every
     GPU run, with 8 workers). torch has no public call for this; ``_shutdown_workers`` is what its own
     ``__del__`` calls, and it runs once."""
-    iterator = getattr(loader, "_iterator", None)
-    if iterator is None:
-        return
-    loader._iterator = None
-    shutdown = getattr(iterator, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()
+    iterator = getattr(loader, "_iterator", None)  # set only with persistent workers
+    if iterator is not None:
+        loader._iterator = None
+        iterator._shutdown_workers()
 
 
 def train_loader(
