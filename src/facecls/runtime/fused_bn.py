@@ -12,7 +12,7 @@ a batch of 64 the pair ran 1.3x (7 x 7 maps) to 2.2x (112 x 112) faster; SFace's
 
 The same fusion for ReLU (ResNet-50, InceptionResNetV1) and ReLU6 (MobileNetV2) measured 1.2-1.45x for the
 pair alone on maps of 56 x 56 and up, slower on smaller ones, and 0.98-1.04x for the whole step on the AMX
-Xeon; on the EPYC, fused only for activations of 2^19 values and up, 0.91-0.99x: not done.
+Xeon; ReLU6 on the AVX512-BF16 EPYC, fused only for activations of 2^19 values and up, 0.91-0.99x: not done.
 
 Statistics: the mean and the biased variance of the batch as sums of (x - k) and (x - k)^2 in fp32, with k
 one sample's value per channel (the shifted-data method: no cancellation when the mean is far from 0); the
