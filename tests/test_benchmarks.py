@@ -104,6 +104,31 @@ def test_throughput_benchmark_measures_three_sides(tmp_path, faces_data, fake_ti
     assert "percentages of the conv peak" in done.stdout
 
 
+def test_throughput_table_says_what_share_of_the_peak_3x_the_naive_loop_needs():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import throughput
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    sides = {"naive": 10.0, "facecls": 25.0, "ratio": 2.5}
+    config = {
+        "model": "resnet50", "size": 224, "train": sides, "predict": sides, "data": sides,
+        "train_gflop_per_image": 12.0, "predict_gflop_per_image": 4.0, "runtime": {"precision": "bf16"},
+    }  # fmt: skip
+    results = {
+        "batch_size": 32, "images": "3 identities x 2 images", "rounds": 1, "configs": [config],
+        "conv_peak_gflops": {"fp32": 200.0, "bf16": 400.0}, "matmul_peak_gflops": {"fp32": 150.0, "bf16": 300.0},
+    }  # fmt: skip
+    lines = throughput.table(results).splitlines()
+    header, row = (line.split(" | ") for line in (lines[2], lines[4]))
+    cells = dict(zip(header, row, strict=True))
+    assert len(header) == len(row) == lines[3].count("|---")
+    # naive 10 img/s x 12 GFLOP = 120 GFLOP/s (60% of fp32's 200); 3x that is 360, 90% of bf16's 400.
+    assert cells["train GFLOP/s naive (% fp32 peak)"] == "120 (60%)"
+    assert cells["train GFLOP/s facecls (% peak of its precision)"] == "300 (75%)"
+    assert cells["3x naive needs (% peak of its precision)"] == "90%"
+
+
 def test_gpu_check_script_runs_on_cpu_at_its_tiny_size(tmp_path):
     """The GPU check is ready for a GPU machine: on a CPU its --tiny mode trains and reports every setting."""
     env = {**os.environ, "PYTHON": sys.executable}
