@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from facecls.core.runs import TIMING_COLUMNS
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "model.weights=none",
@@ -44,7 +46,6 @@ TINY = [
     "optim.finetune_lr=0.0004",
     "scheduler.patience=0",
 ]
-TIMING_COLUMNS = ("seconds", "train_img_per_s")
 
 
 @dataclass

@@ -4,7 +4,8 @@ Each recipe is trained from random initialisation for 300 steps (10 epochs) at i
 built-in synthetic faces (nothing is downloaded), once per speed setting (bf16 + channels_last, then
 bf16 + channels_last + torch.compile, then fp32: every recipe in one setting before the next), exactly as
 ``facecls train`` runs it. It prints training img/s
-(from the run's metrics.csv: the whole epoch, loading included) and the peak memory (GPU memory from
+(from the run's metrics.csv: the whole epoch, loading included), the share of it spent waiting for the
+loader, and the peak memory (GPU memory from
 nvidia-smi on a GPU, the process's peak RSS on a CPU). With two or more GPUs it also trains with
 ``--nproc 2`` (NCCL) and checks the run recorded two processes. A budget (default 7 minutes) stops it
 from starting a configuration it could not finish. ``--tiny`` is the CPU smoke test of this script.
@@ -74,8 +75,9 @@ class GpuMemoryPoller:
 
 
 def train_once(data: Path, run: Path, recipe: str, size: int, epochs: int, overrides: list[str], nproc: int = 1):
-    """One ``facecls train``; returns (exit code, img/s, peak RSS MiB, peak GPU MiB, output tail). The speed
-    is the median over the epochs after the first (which pays for start-up and compiling)."""
+    """One ``facecls train``; returns (exit code, img/s, % of the time waiting for data, peak RSS MiB, peak GPU
+    MiB, output tail). The speed and the wait are medians over the epochs after the first (which pays for
+    start-up and compiling)."""
     command = [sys.executable, "-m", "facecls", "train", "--recipe", recipe, "--data", str(data), "--out", str(run)]
     command += ["--no-progress"]
     if nproc > 1:
@@ -98,12 +100,14 @@ def train_once(data: Path, run: Path, recipe: str, size: int, epochs: int, overr
         proc.returncode = os.waitstatus_to_exitcode(status)
         log.seek(0)
         tail = log.read()[-2000:]
-    speed = 0.0
+    speed = wait = 0.0
     if proc.returncode == 0:
         with open(run / "metrics.csv", newline="") as handle:
-            speeds = [float(row["train_img_per_s"]) for row in csv.DictReader(handle)]
-        speed = statistics.median(speeds[1:] or speeds)
-    return proc.returncode, speed, usage.ru_maxrss / 1024, gpu.peak_mb, tail
+            rows = list(csv.DictReader(handle))
+        later = rows[1:] or rows
+        speed = statistics.median(float(row["train_img_per_s"]) for row in later)
+        wait = statistics.median(float(row["data_wait_pct"]) for row in later)
+    return proc.returncode, speed, wait, usage.ru_maxrss / 1024, gpu.peak_mb, tail
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     nccl_failed = False  # checked first: the budget must not leave it out
     if gpus >= 2:
         run = work / "runs" / "nccl-2"
-        code, speed, _, _, tail = train_once(data, run, "resnet50", 224, 2, [], nproc=2)
+        code, speed, _, _, _, tail = train_once(data, run, "resnet50", 224, 2, [], nproc=2)
         processes = json.loads((run / "run.json").read_text())["batch"]["processes"] if code == 0 else 0
         ok = code == 0 and processes == 2
         nccl_failed = not ok
@@ -139,27 +143,30 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("NCCL: skipped (fewer than 2 GPUs)")
     rows, failures, longest = [], 0, {}
-    print("| recipe | px | setting | img/s | peak GPU MiB | peak RSS MiB | seconds |")
-    print("|---|---|---|---|---|---|---|")
+    # "waiting for data": the share of an epoch the training loop waited for its loader. Where it is large,
+    # the loader's workers, not the GPU, set the img/s.
+    print("| recipe | px | setting | img/s | waiting for data | peak GPU MiB | peak RSS MiB | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, overrides in variants.items():
         for recipe, size in recipes.items():
             # Started only if it should end inside the budget, judged by the longest run of its setting so far.
             begun = time.monotonic()
             if begun - started + longest.get(name, max(longest.values(), default=0.0)) > args.budget * 60:
-                print(f"| {recipe} | {size} | {name} | (not run: the {args.budget:g}-minute budget) | | | |")
+                print(f"| {recipe} | {size} | {name} | (not run: the {args.budget:g}-minute budget) | | | | |")
                 continue
             run = work / "runs" / f"{recipe}-{name}"
             shutil.rmtree(run, ignore_errors=True)
-            code, speed, rss, gpu, tail = train_once(data, run, recipe, size, epochs, overrides)
+            code, speed, wait, rss, gpu, tail = train_once(data, run, recipe, size, epochs, overrides)
             seconds = time.monotonic() - begun
             longest[name] = max(longest.get(name, 0.0), seconds)
             rows.append({"recipe": recipe, "size": size, "setting": name, "img_per_s": speed, "exit": code,
-                         "peak_gpu_mb": gpu, "peak_rss_mb": rss, "seconds": round(seconds, 1)})  # fmt: skip
+                         "data_wait_pct": wait, "peak_gpu_mb": gpu, "peak_rss_mb": rss,
+                         "seconds": round(seconds, 1)})  # fmt: skip
             if code:
                 failures += 1
-                print(f"| {recipe} | {size} | {name} | FAILED (exit {code}) | | | {seconds:.0f} |\n{tail}")
+                print(f"| {recipe} | {size} | {name} | FAILED (exit {code}) | | | | {seconds:.0f} |\n{tail}")
             else:
-                cells = f"{speed:.1f} | {gpu:.0f} | {rss:.0f} | {seconds:.0f}"
+                cells = f"{speed:.1f} | {wait:.0f}% | {gpu:.0f} | {rss:.0f} | {seconds:.0f}"
                 print(f"| {recipe} | {size} | {name} | {cells} |", flush=True)
     (work / "gpu_check.json").write_text(json.dumps({"device": device, "gpus": gpus, "rows": rows}, indent=2))
     print(f"results: {work / 'gpu_check.json'}  ({(time.monotonic() - started) / 60:.1f} min)")

@@ -140,6 +140,8 @@ def test_gpu_check_script_runs_on_cpu_at_its_tiny_size(tmp_path):
     rows = json.loads((tmp_path / "gpu_check.json").read_text())["rows"]
     assert [(r["recipe"], r["setting"]) for r in rows] == [("mobilenet_v2", "bf16+cl"), ("mobilenet_v2", "fp32")]
     assert all(r["exit"] == 0 and r["img_per_s"] > 0 and r["peak_rss_mb"] > 0 and r["seconds"] > 0 for r in rows)
+    assert all(0 < r["data_wait_pct"] < 100 for r in rows), rows
+    assert "| waiting for data |" in done.stdout
     assert "NCCL: skipped (fewer than 2 GPUs)" in done.stdout
 
 

@@ -16,6 +16,7 @@ from facecls.commands.train import train
 from facecls.config import SpeedConfig, load_recipe
 from facecls.core.errors import FaceclsError
 from facecls.core.run_folder import RunFolder
+from facecls.core.runs import TIMING_COLUMNS
 from facecls.engine import loop as loop_module
 from facecls.engine.embeddings import compute_embeddings, load_embedder
 
@@ -59,7 +60,7 @@ def _recipe(*extra: str):
 
 def _metrics(run: Path) -> list[dict]:
     with open(run / "metrics.csv", newline="") as handle:
-        return [{k: v for k, v in r.items() if k not in ("seconds", "train_img_per_s")} for r in csv.DictReader(handle)]
+        return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in csv.DictReader(handle)]
 
 
 def _cache_root() -> Path:

@@ -32,6 +32,7 @@ from torch import nn
 from facecls.commands.evaluate import load_run
 from facecls.config import HeadConfig, SpeedConfig
 from facecls.core.checkpoint import load_checkpoint, save_checkpoint
+from facecls.core.runs import TIMING_COLUMNS
 from facecls.data.datasets import EpochSampler
 from facecls.data.images import load_image
 from facecls.engine.steps import RunningStats, StepContext, train_one_epoch
@@ -61,7 +62,6 @@ TINY = [
     "speed.precision=fp32",
     "speed.workers=0",
 ]
-TIMING = ("seconds", "train_img_per_s")
 
 
 def tiny_train(data: Path, run: Path) -> list[str]:
@@ -129,7 +129,7 @@ def stopped_after_first_checkpoint(env: dict, args: list[str], nproc: int) -> tu
 
 def metrics(run: Path) -> list[dict]:
     with open(run / "metrics.csv", newline="") as handle:
-        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(handle)]
+        return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in csv.DictReader(handle)]
 
 
 def assert_rows_close(rows: list[dict], expected: list[dict]) -> None:

@@ -16,6 +16,7 @@ from facecls.cli import main
 from facecls.commands.train import seed_everything
 from facecls.config import load_recipe
 from facecls.core.run_folder import RunFolder
+from facecls.core.runs import TIMING_COLUMNS
 from facecls.engine.builder import TrainingSetup, build_training
 from facecls.engine.loop import Callback, EpochEnd, Loop, Phase, recipe_phases, run_callbacks
 from facecls.engine.steps import RunningStats
@@ -35,7 +36,6 @@ TINY = [
     "optim.finetune_lr=0.0004",
     "scheduler.patience=0",
 ]
-TIMING = ("seconds", "train_img_per_s")
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ def _setup(data: Path, extra: tuple[str, ...] = ()) -> TrainingSetup:
 
 def _metrics(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as handle:
-        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(handle)]
+        return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in csv.DictReader(handle)]
 
 
 def test_builder_returns_the_whole_run_and_writes_nothing(data):
@@ -100,6 +100,10 @@ def test_loop_trains_what_the_train_command_trains(data, tmp_path, extra, phases
     assert _metrics(folder.metrics) == _metrics(command_run / "metrics.csv")
     assert [r["phase"] for r in _metrics(folder.metrics)] == phases
     assert folder.checkpoint("last").is_file() and folder.checkpoint("best").is_file()
+    # Every epoch says what share of its time it waited for its loader (of images, or of stored features).
+    with open(command_run / "metrics.csv", newline="", encoding="utf-8") as handle:
+        waits = [float(r["data_wait_pct"]) for r in csv.DictReader(handle)]
+    assert len(waits) == len(phases) and all(0.0 < w < 100.0 for w in waits), waits
 
 
 class _HeadOnly(Phase):

@@ -23,10 +23,9 @@ from facecls.core import checkpoint as checkpoint_module
 from facecls.core import runs
 from facecls.core.checkpoint import load_checkpoint, save_checkpoint
 from facecls.core.errors import FaceclsError
+from facecls.core.runs import TIMING_COLUMNS
 
 from .conftest import assert_one_line_error, copy_identities, pin_to_one_core, tiny_args
-
-TIMING_COLUMNS = ("seconds", "train_img_per_s")
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -275,6 +274,21 @@ def test_truncate_metrics_drops_later_and_torn_rows(tmp_path):
     assert [row["epoch"] for row in runs.read_metrics(path)] == ["1", "2"]
     runs.truncate_metrics(path, 0)
     assert not path.exists()
+
+
+def test_metrics_keep_one_header_when_a_resumed_run_adds_a_column(tmp_path):
+    """A run begun by a facecls without a column (resumed after an upgrade): the file is rewritten with
+    the union of the columns, the older rows' new cells empty, instead of a row longer than its header."""
+    path = tmp_path / "metrics.csv"
+    runs.append_metrics(path, {"epoch": 1, "train_loss": 0.5})
+    runs.append_metrics(path, {"epoch": 2, "train_loss": 0.25, "data_wait_pct": 12.5})
+    runs.append_metrics(path, {"epoch": 3, "train_loss": 0.125, "data_wait_pct": 3.0})
+    assert path.read_text().splitlines()[0] == "epoch,train_loss,data_wait_pct"
+    assert runs.read_metrics(path) == [
+        {"epoch": "1", "train_loss": "0.5", "data_wait_pct": ""},
+        {"epoch": "2", "train_loss": "0.25", "data_wait_pct": "12.5"},
+        {"epoch": "3", "train_loss": "0.125", "data_wait_pct": "3.0"},
+    ]
 
 
 def test_one_line_helper_is_strict():  # the helper used across this folder must reject tracebacks

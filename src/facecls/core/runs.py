@@ -161,17 +161,32 @@ class RunLock:
         self.release()
 
 
+# metrics.csv's columns that depend on the machine's speed and load: a resumed or repeated run matches
+# the others digit for digit, not these.
+TIMING_COLUMNS = ("seconds", "train_img_per_s", "data_wait_pct")
+
+
 def append_metrics(path: Path, row: dict) -> None:
     """Add one epoch's row. The file (a few KB: one row per epoch) is written anew through the atomic
-    writer, so a kill or a full disk leaves the previous rows intact and never half a row."""
+    writer, so a kill or a full disk leaves the previous rows intact and never half a row. A run begun by
+    a facecls whose rows had other columns (resumed after an upgrade) gets one header for all: the union,
+    with the cells a row never had left empty."""
     earlier = path.read_bytes() if path.exists() else b""
+    rows = [row]
+    fieldnames = list(row)
+    if earlier:
+        header = next(csv.reader(io.StringIO(earlier.decode("utf-8"), newline="")), [])
+        if header != fieldnames:
+            rows = [*read_metrics(path), row]
+            fieldnames = [*header, *(k for k in fieldnames if k not in header)]
+            earlier = b""
     with atomic.atomic_write(path, "wb") as handle:
         handle.write(earlier)
         buffer = io.StringIO(newline="")
-        writer = csv.DictWriter(buffer, fieldnames=list(row))
+        writer = csv.DictWriter(buffer, fieldnames=fieldnames, restval="")
         if not earlier:
             writer.writeheader()
-        writer.writerow(row)
+        writer.writerows(rows)
         handle.write(buffer.getvalue().encode("utf-8"))
 
 

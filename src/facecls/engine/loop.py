@@ -596,6 +596,11 @@ class SchedulerStep(Callback):
             scheduler.step()
 
 
+# An epoch that spent this share of its time waiting for the loader says so in its log line: the loader,
+# not the model, set its speed (more speed.workers where there are cores for them).
+LOADER_BOUND_PCT = 20.0
+
+
 class MetricsLog(Callback):
     """Per epoch: a row of metrics.csv, the curves redrawn (main process), and a log line. The curves are
     redrawn at most every ``redraw_s`` seconds and at the end: drawing them takes longer (about 0.5 s)
@@ -625,6 +630,7 @@ class MetricsLog(Callback):
             "lr": end.lr,
             "seconds": round(end.seconds, 2),
             "train_img_per_s": round(end.train.count / max(end.seconds, 1e-9), 2),
+            "data_wait_pct": round(100 * end.train.data_wait_s / max(end.seconds, 1e-9), 1),
         }
         if loop.setup.env.is_main:
             now = time.monotonic()
@@ -638,6 +644,7 @@ class MetricsLog(Callback):
             f"train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}%"
             + (f"  val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}%" if val else "")
             + f"  lr {end.lr:.2e}  {row['train_img_per_s']:.1f} img/s"
+            + (f" ({row['data_wait_pct']:.0f}% waiting for data)" if row["data_wait_pct"] >= LOADER_BOUND_PCT else "")
             + ("  (best)" if end.improved else "")
         )
 

@@ -23,6 +23,9 @@ class RunningStats:
     correct: float = 0.0
     count: float = 0.0
     images_per_s: float = 0.0
+    data_wait_s: float = 0.0
+    """Seconds this process's loop waited for the loader's next batch (since the epoch's start or resume):
+    where it is a large share of the epoch, the loader, not the model, sets the speed."""
 
     def add(self, loss_sum: float, correct: int, count: int) -> None:
         self.loss_sum += loss_sum
@@ -31,7 +34,7 @@ class RunningStats:
 
     def reduced(self, env: DistEnv) -> RunningStats:
         loss_sum, correct, count = all_reduce_sum(env, [self.loss_sum, self.correct, self.count])
-        return RunningStats(loss_sum, correct, count, self.images_per_s)
+        return RunningStats(loss_sum, correct, count, self.images_per_s, self.data_wait_s)
 
     @property
     def loss(self) -> float:
@@ -77,8 +80,12 @@ def train_one_epoch(
     model.train()
     step = start_step
     seen, started = 0, time.perf_counter()
-    for group in _micro_batches(loader, ctx.grad_accum):
-        if ctx.max_steps is not None and step >= ctx.max_steps:
+    groups = _micro_batches(loader, ctx.grad_accum)
+    while True:
+        waiting = time.perf_counter()
+        group = next(groups, None)
+        stats.data_wait_s += time.perf_counter() - waiting
+        if group is None or (ctx.max_steps is not None and step >= ctx.max_steps):
             break
         ctx.optimizer.zero_grad(set_to_none=True)
         total = sum(len(labels) for _, labels, _ in group)
