@@ -7,6 +7,7 @@ import csv
 import multiprocessing
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,25 @@ def test_the_loop_stops_its_loader_workers_cleanly_as_it_ends(data):
     Loop(setup, recipe_phases(setup), [workers]).fit()
     assert len(workers.seen) == 2
     assert [p.exitcode for p in workers.seen.values()] == [0, 0]  # exited by themselves, not killed
+
+
+def test_an_epoch_that_waited_for_its_loader_says_so(data, tmp_path, monkeypatch, capsys):
+    """Images that take 40 ms each to load (workers=0: in the main process) and a tiny model: most of each
+    epoch is waiting, metrics.csv says how much and the log line names it."""
+    from facecls.data.datasets import FaceImages
+
+    slow_image = FaceImages.image
+
+    def image(self, index):
+        time.sleep(0.04)
+        return slow_image(self, index)
+
+    monkeypatch.setattr(FaceImages, "image", image)
+    run = tmp_path / "slow"
+    args = ["train", "--recipe", "mobilenet_v2", "--data", str(data), "--out", str(run), "--no-progress"]
+    assert main([*args, *(a for item in TINY for a in ("--set", item))]) == 0
+    with open(run / "metrics.csv", newline="", encoding="utf-8") as handle:
+        waits = [float(r["data_wait_pct"]) for r in csv.DictReader(handle)]
+    assert len(waits) == 2 and all(w >= 40.0 for w in waits), waits
+    epochs = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 2 and all("% waiting for data)" in line for line in epochs), epochs

@@ -596,8 +596,8 @@ class SchedulerStep(Callback):
             scheduler.step()
 
 
-# An epoch that spent this share of its time waiting for the loader says so in its log line: the loader,
-# not the model, set its speed (more speed.workers where there are cores for them).
+# An epoch of images that spent this share of its time waiting for the loader says so in its log line: the
+# loader, not the model, set its speed (more speed.workers where there are cores for them).
 LOADER_BOUND_PCT = 20.0
 
 
@@ -616,6 +616,13 @@ class MetricsLog(Callback):
         if self.pending and loop.setup.env.is_main and sys.exc_info()[0] is None:
             self.folder.plot_curves()
         self.pending = False
+
+    @staticmethod
+    def _loader_bound(loop: Loop, row: dict) -> bool:
+        # Not in a phase on stored features: its milliseconds-long epochs gather their batches in the main
+        # process (no workers to add), so a large share there says nothing about the image loader.
+        short = loop.phase is not None and loop.phase.short_epochs
+        return row["data_wait_pct"] >= LOADER_BOUND_PCT and not short
 
     def on_epoch_end(self, loop: Loop, end: EpochEnd) -> None:
         val = end.val
@@ -644,7 +651,7 @@ class MetricsLog(Callback):
             f"train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}%"
             + (f"  val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}%" if val else "")
             + f"  lr {end.lr:.2e}  {row['train_img_per_s']:.1f} img/s"
-            + (f" ({row['data_wait_pct']:.0f}% waiting for data)" if row["data_wait_pct"] >= LOADER_BOUND_PCT else "")
+            + (f" ({row['data_wait_pct']:.0f}% waiting for data)" if self._loader_bound(loop, row) else "")
             + ("  (best)" if end.improved else "")
         )
 
