@@ -175,9 +175,10 @@ def append_metrics(path: Path, row: dict) -> None:
     rows = [row]
     fieldnames = list(row)
     if earlier:
-        header = next(csv.reader(io.StringIO(earlier.decode("utf-8"), newline="")), [])
+        reader = csv.DictReader(io.StringIO(earlier.decode("utf-8"), newline=""))
+        header = reader.fieldnames or []
         if header != fieldnames:
-            rows = [*read_metrics(path), row]
+            rows = [*reader, row]
             fieldnames = [*header, *(k for k in fieldnames if k not in header)]
             earlier = b""
     with atomic.atomic_write(path, "wb") as handle:
