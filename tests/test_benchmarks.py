@@ -32,6 +32,17 @@ def timm_side():
     return module
 
 
+@pytest.fixture(scope="module")
+def throughput():
+    """benchmarks/throughput.py as a module (it imports its neighbours, bench_sides and timm_side)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import throughput
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return throughput
+
+
 @pytest.fixture
 def fake_timm(tmp_path) -> Path:
     """A stand-in for a timm checkout: a ``timm`` package with a version and a train.py that refuses a
@@ -104,12 +115,7 @@ def test_throughput_benchmark_measures_three_sides(tmp_path, faces_data, fake_ti
     assert "percentages of the conv peak" in done.stdout
 
 
-def test_throughput_table_says_what_share_of_the_peak_3x_the_naive_loop_needs():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import throughput
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+def test_throughput_table_says_what_share_of_the_peak_3x_the_naive_loop_needs(throughput):
     sides = {"naive": 10.0, "facecls": 25.0, "ratio": 2.5}
     config = {
         "model": "resnet50", "size": 224, "train": sides, "predict": sides, "data": sides,
@@ -182,18 +188,13 @@ def test_timm_command_has_the_best_cpu_flags(timm_side, tmp_path):
     assert timm_side.find_timm(None, None, tmp_path) == (None, "not run (no --timm-train, and no ../timm/train.py)")
 
 
-def test_timm_side_runs_both_variants_and_the_table_shows_the_faster(timm_side, fake_timm, tmp_path):
+def test_timm_side_runs_both_variants_and_the_table_shows_the_faster(timm_side, fake_timm, tmp_path, throughput):
     side, why = timm_side.find_timm(fake_timm, sys.executable, tmp_path)
     assert why == "" and timm_side.timm_version(side)["timm"] == "0.0.test"
     row = timm_side.run_timm(side, "mobilenet_v2", tmp_path / "data", 64, 8, 3, 1, "adamw", tmp_path / "timm")
     assert row["status"] == "ok" and row["timm_model"] == "mobilenetv2_100", row
     assert ["--torchcompile" in v["command"] for v in row["variants"].values()] == [False, True]
     assert row["img_s"] == max(v["img_s"] for v in row["variants"].values()) > 0
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import throughput
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
     config = {"train": {"facecls": 2 * row["img_s"]}, "timm": row}
     assert throughput.timm_cells(config) == f"{row['img_s']:.1f} ({row['variant']}) | 2.00"
     assert throughput.timm_cells({"timm": {"status": "not run"}}) == "not run | -"
@@ -203,14 +204,9 @@ def test_timm_side_runs_both_variants_and_the_table_shows_the_faster(timm_side, 
     assert "x3.00 (facecls" in throughput.timm_row_text(config["timm"], config["train"]["facecls"])
 
 
-def test_facecls_next_to_timm_leaves_out_the_first_block_after_each_wait(tmp_path, monkeypatch):
+def test_facecls_next_to_timm_leaves_out_the_first_block_after_each_wait(throughput, tmp_path, monkeypatch):
     """The first training block after the prediction passes, and after timm's run, ran 20-25% slow (a warm-up
     timm's own speed leaves out too): the adjacent speed is the second block of each pair."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import throughput
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
     (tmp_path / "data" / "train" / "a").mkdir(parents=True)
     speeds = iter([5.0, 10.0, 6.0, 12.0])  # after predict: first, second; after timm's run: first, second
 
