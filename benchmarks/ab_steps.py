@@ -10,6 +10,7 @@ compiled, facecls's eager CPU kernels step aside (they check ``torch.compiler.is
 ``speed.compile: true``.
 
     python benchmarks/ab_steps.py --model sface@112 --switch facecls.runtime.fused_bn:ENABLED
+    python benchmarks/ab_steps.py --model resnet50@112 --switch facecls.runtime.cpu_kernels:BITS_RELU
     python benchmarks/ab_steps.py --model resnet50@224 --switch compile
 """
 

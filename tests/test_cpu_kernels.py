@@ -1,5 +1,6 @@
 """CPU bf16 work-arounds: same results as the plain layers, switchable, recorded."""
 
+from collections import Counter
 
 import pytest
 import torch
@@ -260,3 +261,63 @@ def test_out_of_place_residuals_are_on_for_cpu_bf16_training_only():
     assert not resolve_runtime(SpeedConfig(precision="fp32"), "cpu").bf16_out_of_place_residuals
     off = SpeedConfig(precision="bf16", bf16_out_of_place_residuals=False)
     assert not resolve_runtime(off, "cpu").bf16_out_of_place_residuals
+
+
+def _ops(module: nn.Module, x: torch.Tensor) -> Counter[str]:
+    """How often one bf16 training forward + backward of ``module`` on ``x`` ran each op."""
+    leaf = x.detach().clone().requires_grad_()
+    with torch.profiler.profile() as prof, torch.autocast("cpu", dtype=torch.bfloat16):
+        module(leaf.clone()).float().sum().backward()  # a clone: the in-place modules may not write a leaf
+    return Counter(e.name for e in prof.events())
+
+
+def _switched(cls: type[nn.Module], plain: nn.Module) -> nn.Module:
+    plain.__class__ = cls
+    return plain.to(memory_format=torch.channels_last)
+
+
+# (switch, the switched module, its input, an op the work-around runs more often, one the plain module runs more)
+_SWITCHES = [
+    (
+        "DEPTHWISE_FP32_INPUT_GRAD",
+        lambda: _switched(DepthwiseConvFp32InputGrad, nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)),
+        torch.randn(2, 8, 12, 12),
+        "aten::conv_transpose2d",
+        None,
+    ),
+    ("BITS_RELU", lambda: BitsReLU(), torch.randn(2, 8, 12, 12).bfloat16(), "aten::clamp", "aten::relu"),
+    (
+        "RELU6_FROM_OUTPUT",
+        lambda: ReLU6FromOutput(inplace=True),
+        torch.randn(2, 8, 6, 6),
+        "_ClampFromOutput",
+        "aten::hardtanh_",
+    ),
+    (
+        "OUT_OF_PLACE_RESIDUALS",
+        lambda: _switched(OutOfPlaceBasicBlock, resnet18(weights=None).layer1[0]).eval(),  # BatchNorm counts with add_
+        torch.randn(2, 64, 8, 8),
+        "aten::add",
+        "aten::add_",
+    ),
+    ("COMPILED_PRELU", lambda: _switched(CompiledPReLU, nn.PReLU(8)), torch.randn(2, 8, 6, 6), None, "aten::prelu"),
+]
+
+
+@pytest.mark.parametrize(
+    ("switch", "build", "x", "work_around_op", "plain_op"), _SWITCHES, ids=[s[0] for s in _SWITCHES]
+)
+def test_each_work_around_has_a_switch_that_sends_its_modules_down_the_plain_path(
+    monkeypatch, switch, build, x, work_around_op, plain_op
+):
+    """benchmarks/ab_steps.py times a training run with each switch on and off, per CPU kind."""
+    from facecls.runtime import cpu_kernels
+
+    module, x = build(), x.contiguous(memory_format=torch.channels_last)
+    on = _ops(module, x)
+    monkeypatch.setattr(cpu_kernels, switch, False)
+    off = _ops(module, x)
+    if work_around_op:
+        assert on[work_around_op] > off[work_around_op]
+    if plain_op:
+        assert off[plain_op] > on[plain_op]

@@ -28,6 +28,15 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from facecls.core.errors import first_line
 
+# Each work-around below has a switch that its modules read at every call, so that benchmarks/ab_steps.py can
+# time the same training run with it on and off, per CPU kind; the recipe's speed.* settings decide whether
+# a model's modules are switched at all.
+DEPTHWISE_FP32_INPUT_GRAD = True
+BITS_RELU = True
+RELU6_FROM_OUTPUT = True
+OUT_OF_PLACE_RESIDUALS = True
+COMPILED_PRELU = True
+
 
 class _DepthwiseConvFp32InputGrad(torch.autograd.Function):
     @staticmethod
@@ -67,7 +76,11 @@ class DepthwiseConvFp32InputGrad(nn.Conv2d):
     Same parameters and state-dict keys as ``nn.Conv2d``; identical outputs."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")) or torch.jit.is_tracing():
+        if (
+            not DEPTHWISE_FP32_INPUT_GRAD
+            or not (torch.is_grad_enabled() and torch.is_autocast_enabled("cpu"))
+            or torch.jit.is_tracing()
+        ):
             return super().forward(x)
         dtype = torch.get_autocast_dtype("cpu")
         if dtype != torch.bfloat16 or self.padding_mode != "zeros" or isinstance(self.padding, str):
@@ -156,7 +169,8 @@ class _ClampFromOutput(torch.autograd.Function):
 
 def _clamps_bits(x: torch.Tensor) -> bool:
     return (
-        x.dtype == torch.bfloat16
+        BITS_RELU
+        and x.dtype == torch.bfloat16
         and x.device.type == "cpu"
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
@@ -182,8 +196,6 @@ class BitsReLU(nn.ReLU):
 # op (whose backward reads its output) does not make. The input is in (0, 6) exactly where the output is,
 # so the backward can read the output as ReLU's does: the same gradient, bit for bit, without the copy.
 # (MobileNetV2 at 112 px, fp32, batch 64: the copies were 6-7% of the step, in the Ice Lake profile.)
-# Read at every call: benchmarks/ab_steps.py switches it off and on between blocks of steps.
-RELU6_FROM_OUTPUT = True
 
 
 class ReLU6FromOutput(nn.ReLU6):
@@ -233,6 +245,8 @@ class OutOfPlaceBottleneck(Bottleneck):
     """torchvision's ``Bottleneck`` with its shortcut added out of place."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not OUT_OF_PLACE_RESIDUALS:
+            return super().forward(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
@@ -244,6 +258,8 @@ class OutOfPlaceBasicBlock(BasicBlock):
     """torchvision's ``BasicBlock`` with its shortcut added out of place."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not OUT_OF_PLACE_RESIDUALS:
+            return super().forward(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
@@ -287,7 +303,7 @@ class CompiledPReLU(nn.PReLU):
     rounding of the weight gradient's sum."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        if not COMPILED_PRELU or not torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return super().forward(x)
         if torch.is_autocast_enabled(x.device.type):  # autocast runs prelu in its lower precision
             x = x.to(torch.get_autocast_dtype(x.device.type))
