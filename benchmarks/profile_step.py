@@ -120,16 +120,13 @@ def summarize(events, steps: int) -> dict:
 
 def markdown(name: str, size: int, batch_size: int, runtime: dict, summary: dict, steps: int, plain_ms: float) -> str:
     step = summary["step_ms"]
+    work_arounds = [f"{k} {v}" for k, v in runtime.items() if type(v) is bool and k not in ("channels_last", "compile")]
     lines = [
         f"### {name} @ {size} px, batch {batch_size}: {plain_ms:.0f} ms per step ({1000 * batch_size / plain_ms:.1f} "
         f"img/s; {step:.0f} ms under the profiler; {steps} step(s) each)",
         "",
         "runtime: " + ", ".join(f"{k} {runtime[k]}" for k in ("precision", "channels_last", "compile", "threads")),
-        f"workers {runtime['workers']}, depthwise_fp32_input_grad {runtime['depthwise_fp32_input_grad']}, "
-        f"compiled_prelu {runtime.get('compiled_prelu', False)}, "
-        f"bf16_relu_bits {runtime.get('bf16_relu_bits', False)}, conv_gemm {runtime.get('conv_gemm', False)}, "
-        f"bf16_out_of_place_residuals {runtime.get('bf16_out_of_place_residuals', False)}, "
-        f"fused_bn_prelu {runtime.get('fused_bn_prelu', False)}",
+        f"workers {runtime['workers']}, " + ", ".join(work_arounds),
         "",
         "| operator | self CPU ms per step | % of step | calls per step |",
         "|---|---|---|---|",

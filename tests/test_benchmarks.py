@@ -237,6 +237,7 @@ def test_profile_step_tables_name_the_operators(tmp_path, faces_data):
     text = out.read_text()
     heading = re.search(r"### sface @ 112 px, batch 4: (\d+) ms per step \([\d.]+ img/s; (\d+) ms under the prof", text)
     assert heading and int(heading[1]) > 0 and int(heading[2]) > 0, text[:600]
+    assert "fused_bn_prelu " in text and "dropout_from_bits " in text  # each CPU work-around's setting
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert 5 <= len(rows) <= 12 and any("`aten::" in row and "conv" in row for row in rows), rows
     shares = {line.split(" | ")[0][2:]: float(line.split(" | ")[1]) for line in text.splitlines()

@@ -9,6 +9,7 @@ from torchvision.models import mobilenet_v2, resnet18, resnet50
 
 from facecls.config import SpeedConfig
 from facecls.runtime.cpu_kernels import (
+    BitsDropout,
     BitsReLU,
     BitsReLU6,
     CompiledPReLU,
@@ -18,6 +19,7 @@ from facecls.runtime.cpu_kernels import (
     ReLU6FromOutput,
     use_bits_relu,
     use_compiled_prelu,
+    use_dropout_from_bits,
     use_fp32_input_grad_for_strided_depthwise,
     use_out_of_place_residuals,
     use_relu6_from_output,
@@ -301,6 +303,7 @@ _SWITCHES = [
         "aten::add_",
     ),
     ("COMPILED_PRELU", lambda: _switched(CompiledPReLU, nn.PReLU(8)), torch.randn(2, 8, 6, 6), None, "aten::prelu"),
+    ("DROPOUT_FROM_BITS", lambda: BitsDropout(0.4), torch.randn(2, 8, 6, 6), "aten::random_", "aten::bernoulli_"),
 ]
 
 
@@ -321,3 +324,50 @@ def test_each_work_around_has_a_switch_that_sends_its_modules_down_the_plain_pat
         assert on[work_around_op] > off[work_around_op]
     if plain_op:
         assert off[plain_op] > on[plain_op]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.1, 0.4, 0.5])
+def test_dropout_from_bits_drops_at_p_and_scales_and_backpropagates_as_atens(dtype, p):
+    x = torch.ones(64, 512, 7, 7, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.manual_seed(0)
+    out = BitsDropout(p)(x)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    # 1.6 million draws: the dropped share's standard deviation is under 0.0004
+    assert abs(out.eq(0).double().mean().item() - p) < 0.003
+    aten = nn.functional.dropout(x.detach(), p, training=True)
+    assert out.unique().tolist() == aten.unique().tolist() == [0.0, aten.max().item()]  # ATen's scale, in dtype
+    out.backward(torch.full_like(out, 2.0))
+    assert torch.equal(x.grad, out.detach() * 2)  # the gradient goes through the same mask
+    torch.manual_seed(0)
+    assert torch.equal(BitsDropout(p)(x), out)  # the seed decides the mask
+    assert not torch.equal(BitsDropout(p)(x), out)
+
+
+def test_dropout_from_bits_leaves_inference_and_other_layouts_to_aten():
+    layer = BitsDropout(0.4)
+    x = torch.randn(8, 32, 10, 10)
+    assert torch.equal(layer.eval()(x), x)  # inference: no dropout
+    layer.train()
+    sliced = x[:, :, 1:-1]  # not dense: ATen's op, which still drops
+    torch.manual_seed(1)
+    out = layer(sliced)
+    torch.manual_seed(1)
+    assert torch.equal(out, nn.functional.dropout(sliced, 0.4, training=True))
+    assert torch.equal(BitsDropout(0.0)(x), x) and BitsDropout(1.0)(x).eq(0).all()
+
+
+def test_dropout_from_bits_is_on_for_cpu_training_on_cpus_not_intels(monkeypatch):
+    from facecls.runtime import speed
+
+    for vendor, on in (("AuthenticAMD", True), ("GenuineIntel", False), ("unknown", True)):
+        monkeypatch.setattr(speed, "cpu_info", lambda vendor=vendor: {"vendor": vendor, "kind": "avx512_bf16"})
+        runtime = resolve_runtime(SpeedConfig(), "cpu")
+        assert runtime.as_dict()["dropout_from_bits"] is on  # recorded in run.json
+    assert resolve_runtime(SpeedConfig(dropout_from_bits=True), "cpu").dropout_from_bits
+    assert not resolve_runtime(SpeedConfig(dropout_from_bits=True, compile=True), "cpu").dropout_from_bits
+    assert not resolve_runtime(SpeedConfig(dropout_from_bits=False), "cpu").dropout_from_bits
+    on = resolve_runtime(SpeedConfig(dropout_from_bits=True), "cpu")
+    model = prepare_training_model(mobilenet_v2(weights=None), on)
+    assert [type(m) for m in model.modules() if isinstance(m, nn.Dropout)] == [BitsDropout]
+    assert use_dropout_from_bits(nn.Sequential(nn.Dropout(0.2), nn.Dropout2d(0.2))) == 1  # Dropout2d drops channels

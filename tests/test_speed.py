@@ -157,18 +157,20 @@ def test_compiled_inference_is_on_for_large_jobs_unless_the_recipe_says():
 
 
 @pytest.mark.parametrize(
-    ("model", "flags", "kind"),
+    ("vendor", "model", "flags", "kind"),
     [
-        ("AMD EPYC 9B14 96-Core Processor", "fpu avx2 avx512f avx512_bf16", "avx512_bf16"),
-        ("Intel(R) Xeon(R) Platinum 8481C", "fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile", "amx"),
-        ("Some CPU", "fpu sse2 avx2", "other"),
+        ("AuthenticAMD", "AMD EPYC 9B14 96-Core Processor", "fpu avx2 avx512f avx512_bf16", "avx512_bf16"),
+        ("GenuineIntel", "Intel(R) Xeon(R) Platinum 8481C", "fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile", "amx"),
+        ("HygonGenuine", "Some CPU", "fpu sse2 avx2", "other"),
     ],
 )
-def test_cpu_kind_comes_from_the_isa_flags(tmp_path, model, flags, kind):
+def test_cpu_kind_comes_from_the_isa_flags(tmp_path, vendor, model, flags, kind):
     from facecls.runtime.machine import cpu_info
 
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: {model}\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    cpuinfo.write_text(
+        f"processor\t: 0\nvendor_id\t: {vendor}\nmodel name\t: {model}\nflags\t\t: {flags}\n\nprocessor\t: 1\n"
+    )
     info = cpu_info(str(cpuinfo))
-    assert info["model"] == model and info["kind"] == kind
+    assert info["vendor"] == vendor and info["model"] == model and info["kind"] == kind
     assert set(info["flags"]) <= set(flags.split()) and ("avx2" in info["flags"])

@@ -16,15 +16,17 @@ SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx
 
 
 def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> dict:
-    """The CPU's model name and the ISA flags of SPEED_FLAGS it has (from /proc/cpuinfo; empty elsewhere),
-    and its kind: "amx" (bf16 tiles: bf16 convolutions ~8x fp32), "avx512_bf16" (bf16 dot products, ~2x)
+    """The CPU's vendor and model name and the ISA flags of SPEED_FLAGS it has (from /proc/cpuinfo; empty
+    elsewhere), and its kind: "amx" (bf16 tiles: bf16 convolutions ~8x fp32), "avx512_bf16" (bf16 dot products, ~2x)
     or "other". Speed choices that differ by kind read it; run.json and benchmark results record it."""
-    model, flags = "", set()
+    vendor, model, flags = "", "", set()
     try:
         with open(cpuinfo, encoding="utf-8") as handle:
             for line in handle:
                 key, _, value = line.partition(":")
-                if key.strip() == "model name" and not model:
+                if key.strip() == "vendor_id" and not vendor:
+                    vendor = value.strip()
+                elif key.strip() == "model name" and not model:
                     model = value.strip()
                 elif key.strip() == "flags" and not flags:
                     flags = set(value.split())
@@ -36,6 +38,7 @@ def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> dict:
     import platform
 
     return {
+        "vendor": vendor or "unknown",
         "model": model or platform.processor() or "unknown CPU",
         "kind": kind,
         "flags": [f for f in SPEED_FLAGS if f in flags],

@@ -51,6 +51,7 @@ class Runtime:
     conv_gemm: bool = False
     fused_bn_prelu: bool = False
     bf16_out_of_place_residuals: bool = False
+    dropout_from_bits: bool = False
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -122,6 +123,9 @@ def resolve_runtime(config: SpeedConfig, device: str | None = None, local_rank: 
         # stolen time (2 threads 1.5x faster than 1 when idle). So every core computes when the threads sleep,
         # and otherwise the loader workers get cores of their own.
         threads = cores_per_proc if openmp_threads_sleep() else max(1, cores_per_proc - workers)
+    dropout_from_bits = config.dropout_from_bits
+    if dropout_from_bits is None:  # ATen's dropout masks are MKL's vectorised draws on Intel CPUs only
+        dropout_from_bits = cpu_info()["vendor"] != "GenuineIntel"
     return Runtime(
         device=device,
         precision=precision,
@@ -140,6 +144,7 @@ def resolve_runtime(config: SpeedConfig, device: str | None = None, local_rank: 
         # A compiled model has no such copy to save (inductor works on the functional graph).
         relu6_from_output=config.relu6_from_output and device == "cpu" and not config.compile,
         bf16_out_of_place_residuals=config.bf16_out_of_place_residuals and device == "cpu" and precision == "bf16",
+        dropout_from_bits=dropout_from_bits and device == "cpu" and not config.compile,
         # Its plans are timed in Python at a shape's first use, which a compiled graph cannot hold.
         conv_gemm=config.conv_gemm and device == "cpu" and not config.compile,
         # Its kernels are compiled graphs of their own, which a compiled model would trace through instead.
@@ -174,6 +179,10 @@ def prepare_training_model(model: nn.Module, runtime: Runtime) -> nn.Module:
         from facecls.runtime.cpu_kernels import use_out_of_place_residuals
 
         use_out_of_place_residuals(model)
+    if runtime.dropout_from_bits:
+        from facecls.runtime.cpu_kernels import use_dropout_from_bits
+
+        use_dropout_from_bits(model)
     if runtime.conv_gemm:
         from facecls.runtime.conv_gemm import use_gemm_convolutions
 
