@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -74,10 +75,22 @@ class GpuMemoryPoller:
             self._thread.join(timeout=15)
 
 
-def train_once(data: Path, run: Path, recipe: str, size: int, epochs: int, overrides: list[str], nproc: int = 1):
-    """One ``facecls train``; returns (exit code, img/s, % of the time waiting for data, peak RSS MiB, peak GPU
-    MiB, output tail). The speed and the wait are medians over the epochs after the first (which pays for
-    start-up and compiling)."""
+class Trained(NamedTuple):
+    """What one ``facecls train`` gave: the speed and the wait are medians over the epochs after the first
+    (which pays for start-up and compiling)."""
+
+    code: int
+    img_per_s: float
+    data_wait_pct: float
+    peak_rss_mb: float
+    peak_gpu_mb: float
+    tail: str
+
+
+def train_once(
+    data: Path, run: Path, recipe: str, size: int, epochs: int, overrides: list[str], nproc: int = 1
+) -> Trained:
+    """One ``facecls train`` of ``recipe`` at ``size`` px on ``data`` into ``run``."""
     command = [sys.executable, "-m", "facecls", "train", "--recipe", recipe, "--data", str(data), "--out", str(run)]
     command += ["--no-progress"]
     if nproc > 1:
@@ -107,7 +120,7 @@ def train_once(data: Path, run: Path, recipe: str, size: int, epochs: int, overr
         later = rows[1:] or rows
         speed = statistics.median(float(row["train_img_per_s"]) for row in later)
         wait = statistics.median(float(row["data_wait_pct"]) for row in later)
-    return proc.returncode, speed, wait, usage.ru_maxrss / 1024, gpu.peak_mb, tail
+    return Trained(proc.returncode, speed, wait, usage.ru_maxrss / 1024, gpu.peak_mb, tail)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,11 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     nccl_failed = False  # checked first: the budget must not leave it out
     if gpus >= 2:
         run = work / "runs" / "nccl-2"
-        code, speed, _, _, _, tail = train_once(data, run, "resnet50", 224, 2, [], nproc=2)
-        processes = json.loads((run / "run.json").read_text())["batch"]["processes"] if code == 0 else 0
-        ok = code == 0 and processes == 2
+        trained = train_once(data, run, "resnet50", 224, 2, [], nproc=2)
+        processes = json.loads((run / "run.json").read_text())["batch"]["processes"] if trained.code == 0 else 0
+        ok = trained.code == 0 and processes == 2
         nccl_failed = not ok
-        print(f"NCCL, 2 processes: {'ok' if ok else 'FAILED'} ({speed:.1f} img/s)" + ("" if ok else f"\n{tail}"))
+        outcome = f"{'ok' if ok else 'FAILED'} ({trained.img_per_s:.1f} img/s)" + ("" if ok else f"\n{trained.tail}")
+        print(f"NCCL, 2 processes: {outcome}")
     else:
         print("NCCL: skipped (fewer than 2 GPUs)")
     rows, failures, longest = [], 0, {}
@@ -156,17 +170,22 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             run = work / "runs" / f"{recipe}-{name}"
             shutil.rmtree(run, ignore_errors=True)
-            code, speed, wait, rss, gpu, tail = train_once(data, run, recipe, size, epochs, overrides)
+            trained = train_once(data, run, recipe, size, epochs, overrides)
             seconds = time.monotonic() - begun
             longest[name] = max(longest.get(name, 0.0), seconds)
-            rows.append({"recipe": recipe, "size": size, "setting": name, "img_per_s": speed, "exit": code,
-                         "data_wait_pct": wait, "peak_gpu_mb": gpu, "peak_rss_mb": rss,
+            rows.append({"recipe": recipe, "size": size, "setting": name, "img_per_s": trained.img_per_s,
+                         "exit": trained.code, "data_wait_pct": trained.data_wait_pct,
+                         "peak_gpu_mb": trained.peak_gpu_mb, "peak_rss_mb": trained.peak_rss_mb,
                          "seconds": round(seconds, 1)})  # fmt: skip
-            if code:
+            if trained.code:
                 failures += 1
-                print(f"| {recipe} | {size} | {name} | FAILED (exit {code}) | | | | {seconds:.0f} |\n{tail}")
+                failed = f"FAILED (exit {trained.code}) | | | | {seconds:.0f}"
+                print(f"| {recipe} | {size} | {name} | {failed} |\n{trained.tail}")
             else:
-                cells = f"{speed:.1f} | {wait:.0f}% | {gpu:.0f} | {rss:.0f} | {seconds:.0f}"
+                cells = (
+                    f"{trained.img_per_s:.1f} | {trained.data_wait_pct:.0f}% | {trained.peak_gpu_mb:.0f} | "
+                    f"{trained.peak_rss_mb:.0f} | {seconds:.0f}"
+                )
                 print(f"| {recipe} | {size} | {name} | {cells} |", flush=True)
     (work / "gpu_check.json").write_text(json.dumps({"device": device, "gpus": gpus, "rows": rows}, indent=2))
     print(f"results: {work / 'gpu_check.json'}  ({(time.monotonic() - started) / 60:.1f} min)")
