@@ -251,9 +251,13 @@ def test_mismatched_models_are_refused(exports, tmp_path, capsys):
     _assert_one_line(capsys, main(["predict", str(embedding), *predict]), "--embedding")
 
 
-@pytest.mark.parametrize("mode", ["dynamic", "static"])
-def test_int8_quantisation(runs, mode, tmp_path, capsys):
-    run, data = runs("mobilenet_v2")
+# SFace's run adds a head on L2-normalised features, whose graph onnxruntime's symbolic shape inference
+# could not read.
+@pytest.mark.parametrize(
+    ("model", "mode"), [("mobilenet_v2", "dynamic"), ("mobilenet_v2", "static"), ("sface", "static")]
+)
+def test_int8_quantisation(runs, model, mode, tmp_path, capsys):
+    run, data = runs(model)
     out = tmp_path / "int8.onnx"
     capsys.readouterr()
     assert main(["export", str(run), "--out", str(out), "--quantize", mode, "--no-progress"]) == 0
@@ -265,7 +269,7 @@ def test_int8_quantisation(runs, mode, tmp_path, capsys):
     onnx.checker.check_model(onnx.load(str(out)))
     submission = tmp_path / "sub.csv"
     assert main(["predict", str(out), "--images", str(data / "test"), "--out", str(submission), "--no-progress"]) == 0
-    assert len(_rows(submission)) == 1 + 8
+    assert len(_rows(submission)) == 1 + len(list((data / "test").iterdir()))
 
 
 def test_embedding_export_and_detect(exports, faces_data, tmp_path):

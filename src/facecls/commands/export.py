@@ -372,8 +372,10 @@ def _quantize(float_path: Path, out: Path, mode: str, loader, loaded: LoadedRun,
         # onnxruntime's tools print and log (to the root logger) notes that are not the user's to act on
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _quiet_logging():
             warnings.simplefilter("ignore")
-            # shape inference + onnxruntime's graph optimisations first, as onnxruntime's docs advise
-            quant_pre_process(str(float_path), str(prepared))
+            # shape inference + onnxruntime's graph optimisations first, as onnxruntime's docs advise. Its
+            # symbolic shape inference (meant for transformers' dynamic shapes) stops at the Expand of the
+            # heads' L2 normalisation (onnxruntime 1.32); ONNX's own shape inference covers these CNNs.
+            quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
             if mode == "dynamic":
                 quantize_dynamic(str(prepared), str(tmp), per_channel=True, weight_type=QuantType.QInt8)
             else:
