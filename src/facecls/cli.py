@@ -122,6 +122,7 @@ def _add_other(sub) -> None:
     p.add_argument("--center-crop-fallback", action="store_true", help="centre-crop images without a face")
     p.add_argument("--detector", type=Path)
     p.add_argument("--workers", type=int)
+    p.add_argument("--no-progress", action="store_true")
 
     sub.add_parser("models", help="list the registered models and their weights")
 
@@ -416,6 +417,7 @@ def cmd_prepare(args, argv: list[str]) -> int:
         fallback_center_crop=args.center_crop_fallback,
         detector=args.detector,
         workers=args.workers,
+        progress=not args.no_progress,
     )
     print(
         f"{summary.total} images: {summary.aligned} aligned, {summary.no_face} without a face, "

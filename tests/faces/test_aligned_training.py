@@ -67,7 +67,7 @@ def _train(data, run):
 
 def test_aligned_crops_train_better_than_raw_frames(yale_raw, tmp_path, capsys):
     aligned = tmp_path / "aligned"
-    assert main(["prepare", str(yale_raw / "train"), str(aligned / "train"), "--size", "112"]) == 0
+    assert main(["prepare", str(yale_raw / "train"), str(aligned / "train"), "--size", "112", "--no-progress"]) == 0
     report = list(csv.DictReader(open(aligned / "train" / "prepare_report.csv")))
     assert len(report) == sum(1 for _ in (yale_raw / "train").rglob("*.png"))
     assert all(r["status"] == "aligned" for r in report)

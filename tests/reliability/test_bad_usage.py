@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
+from PIL import Image
 
 from facecls.core.checkpoint import load_checkpoint, save_checkpoint
 
@@ -39,6 +40,10 @@ def test_missing_run_folder_for_evaluate_and_predict(run_cli, tmp_path):
     (tmp_path / "imgs").mkdir()
     assert_one_line_error(run_cli("predict", tmp_path / "nope", "--images", tmp_path / "imgs"), "does not exist")
     assert_one_line_error(run_cli("evaluate", tmp_path / "imgs"), "not a facecls run folder")
+    Image.new("RGB", (32, 32)).save(tmp_path / "imgs" / "a.png")
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    result = run_cli("embed", tmp_path / "model.onnx", "--images", tmp_path / "imgs", "--out", tmp_path / "e.npy")
+    assert_one_line_error(result, "is a file, not a run folder", "facecls predict")
 
 
 def test_missing_images_folder_for_predict(run_cli, trained_run, tmp_path):
