@@ -44,6 +44,7 @@ def test_missing_run_folder_for_evaluate_and_predict(run_cli, tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"onnx")
     result = run_cli("embed", tmp_path / "model.onnx", "--images", tmp_path / "imgs", "--out", tmp_path / "e.npy")
     assert_one_line_error(result, "is a file, not a run folder", "facecls predict")
+    assert_one_line_error(run_cli("report", tmp_path / "model.onnx"), "is a file, not a run folder", "facecls predict")
 
 
 def test_missing_images_folder_for_predict(run_cli, trained_run, tmp_path):

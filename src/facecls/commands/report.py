@@ -31,6 +31,7 @@ import numpy as np
 from facecls.core import runs
 from facecls.core.console import Console
 from facecls.core.errors import FaceclsError
+from facecls.core.run_folder import RunFolder
 from facecls.data.scan import unescape_name
 
 MAX_PAIRS = 20
@@ -778,8 +779,7 @@ def write_report(
     if split not in (None, "val", "test"):
         raise FaceclsError(f"--split must be val or test, got {split!r}")
     for run in run_dirs:
-        if not run.is_dir():
-            raise FaceclsError(f"run folder {run} does not exist")
+        RunFolder(run).require()
     out = Path(out) if out is not None else (run_dirs[0] / "report.html" if len(run_dirs) == 1 else Path("report.html"))
     data = [load_run_data(run, split, console) for run in run_dirs]
     thumbs = Thumbnails()

@@ -72,6 +72,18 @@ class RunFolder:
     def __str__(self) -> str:
         return str(self.path)
 
+    def require(self) -> None:
+        """Refuse, in words a user can act on, a path that is not an existing folder."""
+        if self.path.is_file():
+            hint = (
+                ": `facecls predict` runs exported models; the other commands take the run folder it came from"
+                if self.path.suffix.lower() == ".onnx"
+                else ""
+            )
+            raise FaceclsError(f"{self.path} is a file, not a run folder (recipe.yaml, run.json, best.ckpt){hint}")
+        if not self.path.is_dir():
+            raise FaceclsError(f"run folder {self.path} does not exist")
+
     # ---- paths -------------------------------------------------------------------------------------
     @property
     def config(self) -> Path:

@@ -48,15 +48,7 @@ def load_run(
     flip test-time augmentation on or off; None: the recipe's model.flip_tta (or the model's default)."""
     folder = RunFolder(run)
     run = folder.path
-    if run.is_file():
-        hint = (
-            ": `facecls predict` runs exported models; the other commands take the run folder it came from"
-            if run.suffix.lower() == ".onnx"
-            else ""
-        )
-        raise FaceclsError(f"{run} is a file, not a run folder (recipe.yaml, run.json, best.ckpt){hint}")
-    if not run.is_dir():
-        raise FaceclsError(f"run folder {run} does not exist")
+    folder.require()
     recipe = folder.read_recipe()
     info = folder.read_info()
     ckpt_path = folder.find_checkpoint(checkpoint)
