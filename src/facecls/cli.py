@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from facecls.config import bundled_recipes
 from facecls.core.errors import FaceclsError, Stopped
 from facecls.runtime.allocator import reexec_with_jemalloc
 from facecls.runtime.machine import available_cpus
@@ -27,7 +28,7 @@ def _add_backend(p) -> None:
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a recipe on a data folder (or resume a run)")
-    p.add_argument("--recipe", help="recipe name (resnet50, mobilenet_v2, inception_resnet_v1, sface) or YAML file")
+    p.add_argument("--recipe", help=f"recipe name ({', '.join(bundled_recipes())}) or YAML file")
     p.add_argument("--data", type=Path, help="data folder with train/<identity>/<image> (and optional val/, test/)")
     p.add_argument("--out", type=Path, help="run folder (default: runs/<recipe>)")
     p.add_argument(

@@ -465,8 +465,12 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     bundled = RECIPES_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
     if bundled.is_file():
         return bundled
-    names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-    raise FaceclsError(f"recipe '{name_or_path}' not found: give a YAML file or one of: {names}")
+    raise FaceclsError(f"recipe '{name_or_path}' not found: give a YAML file or one of: {', '.join(bundled_recipes())}")
+
+
+def bundled_recipes() -> list[str]:
+    """The names of the recipes that come with facecls."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

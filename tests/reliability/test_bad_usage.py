@@ -56,7 +56,7 @@ def test_missing_images_folder_for_predict(run_cli, trained_run, tmp_path):
 
 def test_unknown_recipe(run_cli, messy_data, tmp_path):
     result = run_cli("train", "--recipe", "resnet5", "--data", messy_data.root, "--out", tmp_path / "r")
-    assert_one_line_error(result, "recipe 'resnet5' not found", "mobilenet_v2")
+    assert_one_line_error(result, "recipe 'resnet5' not found", "mobilenet_v2", "sface_ncm")
 
 
 def test_recipe_file_with_unknown_key(run_cli, messy_data, tmp_path):
