@@ -127,8 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: mobilenet_v2 at 64 px, 2 epochs, 2 settings")
     p.add_argument("--epochs", type=int, default=10, help="epochs of 30 steps per configuration (default 10)")
-    p.add_argument("--budget", type=float, default=7.0,
-                   help="minutes (default 7, inside gpu_check.sh's 8); no configuration starts that would end later")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=7.0,
+        help="minutes (default 7, inside gpu_check.sh's 8); no configuration starts that would end later",
+    )
     p.add_argument("--workdir", type=Path, help="keep data and runs here (default: a temporary folder)")
     args = p.parse_args(argv)
     recipes, variants, epochs = RECIPES, VARIANTS, args.epochs
@@ -141,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="facecls-gpu-check-"))
     # 100 x 24 images: 1,920 to train, 30 steps of the recipes' batch 64 per epoch.
-    spec = SyntheticSpec(identities=4, images_per_identity=8, test_per_identity=1, size=64) if args.tiny else (
-        SyntheticSpec(identities=100, images_per_identity=24, test_per_identity=1, size=224)
+    spec = (
+        SyntheticSpec(identities=4, images_per_identity=8, test_per_identity=1, size=64)
+        if args.tiny
+        else (SyntheticSpec(identities=100, images_per_identity=24, test_per_identity=1, size=224))
     )
     data = ensure_synthetic_faces(work / "data", spec)
     nccl_failed = False  # checked first: the budget must not leave it out

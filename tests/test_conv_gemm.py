@@ -47,7 +47,9 @@ def _results(conv, x, weight, bias, dtype):
 
 @pytest.mark.parametrize(("shape", "out_channels", "kernel", "stride", "padding", "has_bias"), SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_plan_gives_the_convolution_and_its_gradients(shape, out_channels, kernel, stride, padding, has_bias, dtype):  # noqa: E501
+def test_every_plan_gives_the_convolution_and_its_gradients(
+    shape, out_channels, kernel, stride, padding, has_bias, dtype
+):
     torch.manual_seed(0)
     x, weight = _bf16_exact(*shape), _bf16_exact(out_channels, shape[1], *kernel)
     bias = _bf16_exact(out_channels) if has_bias else None

@@ -15,7 +15,7 @@ def test_demo_runs_end_to_end_offline(tmp_path, monkeypatch, capsys):
     assert "| MobileNetV2 |" in out.replace("**", "")
     assert "random initialisation" in err and "synthetic" in err
     assert table.is_file() and table.with_suffix(".csv").is_file()
-    assert "<img src=\"data:image/jpeg;base64," in (tmp_path / "demo" / "report.html").read_text()
+    assert '<img src="data:image/jpeg;base64,' in (tmp_path / "demo" / "report.html").read_text()
     with open(tmp_path / "demo" / "submissions" / "mobilenet_v2.csv") as handle:
         rows = list(csv.reader(handle))
     assert rows[0] == ["image_name", "label"] and len(rows) == 1 + 4 * 2

@@ -1,7 +1,6 @@
 """BatchNorm + PReLU fused for CPU training: the modules' numbers, the modules' running statistics, the
 modules themselves wherever it does not apply, and switched on where SFace's backbone trains."""
 
-
 import pytest
 import torch
 from torch import nn

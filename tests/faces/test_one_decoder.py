@@ -53,8 +53,12 @@ def _variants(face: Path, folder: Path) -> dict[str, str]:
     assert shown.size == (upright.shape[1], upright.shape[0])
     assert np.abs(np.asarray(shown, dtype=int) - upright).mean() < 4  # upright again (JPEG rounding only)
     shown.save(folder / "rotated.ref.png")
-    return {"grey16.png": "grey16.ref.png", "rgba.png": "rgba.ref.png", "cmyk.jpg": "cmyk.ref.png",
-            "rotated.jpg": "rotated.ref.png"}
+    return {
+        "grey16.png": "grey16.ref.png",
+        "rgba.png": "rgba.ref.png",
+        "cmyk.jpg": "cmyk.ref.png",
+        "rotated.jpg": "rotated.ref.png",
+    }
 
 
 def _as_saved(crop: np.ndarray, name: str) -> np.ndarray:

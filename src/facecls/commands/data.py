@@ -253,12 +253,7 @@ def _extract_identities(archive: Path, root: str, min_images: int, staging: Path
                         f"{archive} has an unsafe member path {member.name!r} (absolute or with '..'); "
                         "refusing to extract it. Use the original LFW archive."
                     )
-                if (
-                    member.isfile()
-                    and len(parts) == 3
-                    and parts[0] == root
-                    and parts[2].lower().endswith(IMAGE_SUFFIX)
-                ):
+                if member.isfile() and len(parts) == 3 and parts[0] == root and parts[2].lower().endswith(IMAGE_SUFFIX):
                     by_identity.setdefault(parts[1], []).append(member)
             if not by_identity:
                 raise FaceclsError(

@@ -335,9 +335,7 @@ def _draw_face_layer(canvas: int, face: FaceIdentity, nuisance: Nuisance) -> Ima
         return (x - rx, y - ry, x + rx, y + ry)
 
     if face.hair_style == "long":
-        draw.rounded_rectangle(
-            (cx - 1.35 * a, cy - 1.15 * b, cx + 1.35 * a, cy + 1.05 * b), radius=0.9 * a, fill=hair
-        )
+        draw.rounded_rectangle((cx - 1.35 * a, cy - 1.15 * b, cx + 1.35 * a, cy + 1.05 * b), radius=0.9 * a, fill=hair)
     elif face.hair_style == "curly":
         for tx, ty, tr in face.hair_tufts:
             draw.ellipse(box(cx + tx * a, cy + ty * b, tr * a * 1.2, tr * a * 1.2), fill=hair)
@@ -526,9 +524,7 @@ def _photograph(image: Image.Image, nuisance: Nuisance, rng: np.random.Generator
     size = image.width
     pixels = np.asarray(image, dtype=np.float32)
     coords = (np.arange(size, dtype=np.float32) - (size - 1) / 2) / (size / 2)
-    light = coords[None, :] * math.cos(nuisance.light_angle) + coords[:, None] * math.sin(
-        nuisance.light_angle
-    )
+    light = coords[None, :] * math.cos(nuisance.light_angle) + coords[:, None] * math.sin(nuisance.light_angle)
     gain = nuisance.brightness * (1 + nuisance.light_strength * light)
     pixels = pixels * gain[:, :, None] * np.asarray(nuisance.color_cast, dtype=np.float32)
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
@@ -609,9 +605,7 @@ def _write_dataset(root: Path, spec: SyntheticSpec, progress: bool) -> None:
             if image < spec.images_per_identity:
                 path = class_dir / f"{name}_{image:04d}.jpg"
             else:
-                number = int(
-                    test_numbers[identity * spec.test_per_identity + image - spec.images_per_identity]
-                )
+                number = int(test_numbers[identity * spec.test_per_identity + image - spec.images_per_identity])
                 path = test_dir / f"{number:0{width}d}.jpg"
                 solution.append((path.name, name))
             _save_jpeg(picture, path, nuisance.jpeg_quality)
@@ -631,9 +625,7 @@ def _write_dataset(root: Path, spec: SyntheticSpec, progress: bool) -> None:
     (root / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
-def generate_synthetic_faces(
-    out_dir: Path, spec: SyntheticSpec = SyntheticSpec(), progress: bool = False
-) -> Path:
+def generate_synthetic_faces(out_dir: Path, spec: SyntheticSpec = SyntheticSpec(), progress: bool = False) -> Path:
     """Write the synthetic dataset for `spec` into `out_dir` and return `out_dir`.
 
     If `out_dir` already holds a complete dataset for the same spec, nothing is rewritten. The set is
@@ -665,9 +657,7 @@ def generate_synthetic_faces(
     return out_dir
 
 
-def ensure_synthetic_faces(
-    cache_dir: Path, spec: SyntheticSpec = SyntheticSpec(), progress: bool = False
-) -> Path:
+def ensure_synthetic_faces(cache_dir: Path, spec: SyntheticSpec = SyntheticSpec(), progress: bool = False) -> Path:
     """The dataset for `spec` in a cache subfolder named from the spec; generated only when missing."""
     shape = f"{spec.identities}x{spec.images_per_identity}+{spec.test_per_identity}-{spec.size}px"
     name = f"synthetic-{shape}-seed{spec.seed}-{spec.fingerprint()}"
@@ -700,13 +690,9 @@ def linear_probe_accuracy(data_dir: Path, l2: float = 1e-5, max_iter: int = 100)
         with open(data_dir / SOLUTION_FILE, newline="") as handle:
             rows = list(csv.DictReader(handle))
     except OSError as error:
-        raise FaceclsError(
-            f"cannot read {data_dir / SOLUTION_FILE} ({error}); the probe needs test labels"
-        ) from error
+        raise FaceclsError(f"cannot read {data_dir / SOLUTION_FILE} ({error}); the probe needs test labels") from error
     if not rows:
-        raise FaceclsError(
-            f"{data_dir / SOLUTION_FILE} has no rows; generate a set with test_per_identity >= 1"
-        )
+        raise FaceclsError(f"{data_dir / SOLUTION_FILE} has no rows; generate a set with test_per_identity >= 1")
 
     x_train = torch.from_numpy(_load_pixels(train_paths))
     x_test = torch.from_numpy(_load_pixels([data_dir / "test" / row["image_name"] for row in rows]))
@@ -731,9 +717,7 @@ def linear_probe_accuracy(data_dir: Path, l2: float = 1e-5, max_iter: int = 100)
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = (
-            torch.nn.functional.cross_entropy(z_train @ weights + bias, y_train) + l2 * weights.square().sum()
-        )
+        loss = torch.nn.functional.cross_entropy(z_train @ weights + bias, y_train) + l2 * weights.square().sum()
         loss.backward()
         return loss
 

@@ -225,8 +225,10 @@ class Loop:
         try:
             conv_gemm.save_plans_file(plans_file)
         except OSError as exc:
-            self.console.warn(f"could not keep the convolution plans in {plans_file} ({first_line(exc)}); "
-                              "later runs will time them again")
+            self.console.warn(
+                f"could not keep the convolution plans in {plans_file} ({first_line(exc)}); "
+                "later runs will time them again"
+            )
 
     def _train_epoch(self, phase: Phase, model: nn.Module) -> RunningStats:
         try:

@@ -154,9 +154,7 @@ def evaluate(model: nn.Module, loader, runtime: Runtime, normalize: nn.Module, e
         if k < 5:
             top = torch.cat([top, top[:, :1].expand(-1, 5 - k)], dim=1)
             scores = torch.cat([scores, scores.new_zeros(len(scores), 5 - k)], dim=1)
-        parts.append(
-            (indices.numpy(), labels.numpy(), top.cpu().numpy(), losses.cpu().numpy(), scores.cpu().numpy())
-        )
+        parts.append((indices.numpy(), labels.numpy(), top.cpu().numpy(), losses.cpu().numpy(), scores.cpu().numpy()))
     if parts:
         local = [np.concatenate(column) for column in zip(*parts, strict=True)]
     else:

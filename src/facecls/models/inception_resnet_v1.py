@@ -44,9 +44,7 @@ class _ConvBnReLU(nn.Module):
         padding: int | tuple[int, int] = 0,
     ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False
-        )
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
         self.bn = nn.BatchNorm2d(out_channels, eps=_BN_EPS, momentum=0.1)
         self.relu = nn.ReLU(inplace=True)
 
@@ -188,9 +186,7 @@ class InceptionResnetV1(nn.Module):
     separate classification head.
     """
 
-    def __init__(
-        self, num_classes: int | None = None, classify: bool = False, dropout_prob: float = 0.6
-    ) -> None:
+    def __init__(self, num_classes: int | None = None, classify: bool = False, dropout_prob: float = 0.6) -> None:
         super().__init__()
         if num_classes is not None and num_classes < 1:
             raise FaceclsError(f"num_classes must be a positive number of identities, got {num_classes}")
@@ -226,9 +222,7 @@ class InceptionResnetV1(nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != 3:
-            raise FaceclsError(
-                f"InceptionResnetV1 expects an RGB batch shaped (N, 3, H, W), got {tuple(x.shape)}"
-            )
+            raise FaceclsError(f"InceptionResnetV1 expects an RGB batch shaped (N, 3, H, W), got {tuple(x.shape)}")
         if min(x.shape[-2:]) < MIN_INPUT_SIZE:
             raise FaceclsError(
                 f"input of {x.shape[-2]}x{x.shape[-1]} px is too small for InceptionResnetV1; "

@@ -74,9 +74,7 @@ _FINAL_SIZE = INPUT_SIZE // 16
 class ConvBNPReLU(nn.Module):
     """Conv (no bias) -> BatchNorm -> per-channel PReLU, the unit every SFace conv layer uses."""
 
-    def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1) -> None:
         super().__init__()
         self.conv = nn.Conv2d(
             in_channels,
@@ -161,9 +159,7 @@ def load_sface_onnx(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         import onnx
     except ImportError:
-        raise FaceclsError(
-            'reading SFace ONNX weights needs the onnx package: pip install "facecls[faces]"'
-        ) from None
+        raise FaceclsError('reading SFace ONNX weights needs the onnx package: pip install "facecls[faces]"') from None
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # onnx raises DecodeError, ValueError, ... for non-ONNX bytes
