@@ -1,6 +1,6 @@
 from collections import Counter
 
-from facecls.data.scan import Sample, find_labelled_images
+from facecls.data.scan import Sample, find_labelled_images, list_flat_images
 from facecls.data.split import manifest_bytes, read_manifest, stratified_split, write_manifest
 
 
@@ -48,3 +48,24 @@ def test_manifest_roundtrip(tmp_path):
     rows = stratified_split(_samples({"a": 5, "b b": 4, "ü": 3}), (0.8, 0.1, 0.1), seed=0)
     write_manifest(tmp_path / "split.csv", rows)
     assert read_manifest(tmp_path / "split.csv") == rows
+
+
+def test_prepares_own_files_are_neither_data_nor_left_out(tmp_path):
+    """`facecls prepare raw DATA/train` writes its report and settings beside the crops; a user's stray file is
+    still listed."""
+    (tmp_path / "train" / "alice").mkdir(parents=True)
+    (tmp_path / "train" / "alice" / "1.png").write_bytes(b"")
+    for folder in (tmp_path / "train", tmp_path / "train" / "alice"):
+        (folder / "prepare_report.csv").write_text("file\n")
+        (folder / "prepare_config.json").write_text("{}")
+    (tmp_path / "train" / "notes.txt").write_text("x")
+    train, _, skipped = find_labelled_images(tmp_path)
+    assert [s.path for s in train] == ["train/alice/1.png"]
+    # Only at the top of train/: inside an identity folder they are a user's files like any other.
+    assert sorted(s.path for s in skipped) == [
+        "train/alice/prepare_config.json",
+        "train/alice/prepare_report.csv",
+        "train/notes.txt",
+    ]
+    images, skipped = list_flat_images(tmp_path / "train" / "alice")
+    assert [p.name for p in images] == ["1.png"] and skipped == []

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facecls.commands.prepare import CONFIG_NAME, REPORT_COLUMNS, REPORT_NAME, list_inputs, prepare_folder
+from facecls.commands.prepare import REPORT_COLUMNS, list_inputs, prepare_folder
 from facecls.core.errors import FaceclsError
+from facecls.data.scan import PREPARE_CONFIG, PREPARE_REPORT
 
 
 def _report(out_dir: Path) -> dict[str, dict[str, str]]:
-    with (out_dir / REPORT_NAME).open(newline="") as f:
+    with (out_dir / PREPARE_REPORT).open(newline="") as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames or ()) == REPORT_COLUMNS
         return {row["file"]: row for row in reader}
@@ -47,7 +48,7 @@ def test_every_yale_image_gets_one_aligned_crop(yale_prepared: tuple) -> None:
         assert 0 <= x < 320 and 0 <= y < 243 and 60 < w < 250 and 60 < h < 243
     with Image.open(out / inputs[0]) as crop:
         assert crop.size == (112, 112) and crop.mode == "RGB"
-    assert json.loads((out / CONFIG_NAME).read_text()) == {"size": 112, "margin": 0.0, "pick": "largest"}
+    assert json.loads((out / PREPARE_CONFIG).read_text()) == {"size": 112, "margin": 0.0, "pick": "largest"}
     assert not list(out.rglob(".*")), "no temporary files left behind"
 
 
@@ -142,7 +143,7 @@ def test_messy_folder_is_reported_not_fatal(messy_raw: Path, tmp_path: Path) -> 
     assert all(rows[name]["detail"] for name in ("bob/empty.jpg", "bob/notes.png", "bob/truncated.png"))
     assert rows["bob/grey_wall.png"]["faces_found"] == "0"
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert written == sorted([o for _, o in EXPECTED.values() if o] + [CONFIG_NAME, REPORT_NAME])
+    assert written == sorted([o for _, o in EXPECTED.values() if o] + [PREPARE_CONFIG, PREPARE_REPORT])
     for _, output in EXPECTED.values():
         if output:
             with Image.open(out / output) as crop:

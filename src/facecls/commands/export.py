@@ -262,11 +262,11 @@ def _output_width(proto) -> int:
 
 def _alignment(info: dict) -> dict:
     """How the run's training faces were cropped: the ``facecls prepare`` settings found beside its data."""
-    from facecls.commands.prepare import CONFIG_NAME
+    from facecls.data.scan import PREPARE_CONFIG
 
     data_dir = Path(info.get("data_dir", ""))
     for folder in (data_dir, data_dir / "train", data_dir.parent):
-        path = folder / CONFIG_NAME
+        path = folder / PREPARE_CONFIG
         if path.is_file():
             try:
                 settings = json.loads(path.read_text(encoding="utf-8"))

@@ -37,13 +37,11 @@ from facecls.core.atomic import atomic_write, write_text
 from facecls.core.console import progress_bar
 from facecls.core.errors import FaceclsError
 from facecls.data.images import UnreadableImage, die_with_parent, open_rgb
-from facecls.data.scan import is_hidden
+from facecls.data.scan import PREPARE_CONFIG, PREPARE_REPORT, is_hidden
 from facecls.faces.align import FaceAligner, FaceReport
 from facecls.faces.detect import Pick, find_yunet_onnx, import_cv2
 from facecls.runtime.machine import available_cpus
 
-REPORT_NAME = "prepare_report.csv"
-CONFIG_NAME = "prepare_config.json"
 REPORT_COLUMNS = ("file", "faces_found", "box", "score", "status", "output", "detail")
 
 _JPEG_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif"}
@@ -175,7 +173,7 @@ def _check_dirs(raw_dir: Path, out_dir: Path) -> tuple[Path, Path]:
 
 def _check_config(out_dir: Path, config: dict[str, Any]) -> None:
     """Refuse to resume into a folder whose crops were made with different geometry."""
-    path = out_dir / CONFIG_NAME
+    path = out_dir / PREPARE_CONFIG
     if path.is_file():
         previous = json.loads(path.read_text())
         changed = {k: (previous.get(k), v) for k, v in config.items() if previous.get(k) != v}
@@ -270,7 +268,7 @@ def prepare_folder(
     aligner = FaceAligner(**aligner_options)
     _check_config(out_dir, {"size": size, "margin": margin, "pick": pick})
 
-    report_path = out_dir / REPORT_NAME
+    report_path = out_dir / PREPARE_REPORT
     previous = _previous_rows(report_path)
     rows, pending = [], []
     linked_folders: list[Path] = []

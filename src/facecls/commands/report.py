@@ -594,8 +594,7 @@ def _reason_summary(items: list[tuple[str, str]], table_id: str) -> str:
 
 
 def section_data_reports(r: RunData, rid: str) -> str:
-    from facecls.commands.prepare import REPORT_NAME
-    from facecls.data.scan import read_skipped
+    from facecls.data.scan import PREPARE_REPORT, read_skipped
 
     parts = []
     skipped = read_skipped(r.path / "skipped_files.csv")
@@ -606,7 +605,7 @@ def section_data_reports(r: RunData, rid: str) -> str:
         )
     else:
         parts.append("<p>No file was left out of the run (skipped_files.csv is empty).</p>")
-    candidates = [r.data_dir / REPORT_NAME] + [r.data_dir / sub / REPORT_NAME for sub in ("train", "val", "test")]
+    candidates = [r.data_dir / PREPARE_REPORT] + [r.data_dir / sub / PREPARE_REPORT for sub in ("train", "val", "test")]
     kaggle = _read_json(r.path / "kaggle.json") or {}
     if kaggle.get("submission"):
         submission = Path(kaggle["submission"])

@@ -82,6 +82,16 @@ def unescape_name(text: str) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+# What `facecls prepare` writes beside the crops it aligns: its report and its crop settings, read by training,
+# export and the report page. They are not data, so a scan neither takes them nor lists them as left out.
+PREPARE_REPORT = "prepare_report.csv"
+PREPARE_CONFIG = "prepare_config.json"
+
+
+def is_prepare_output(entry: Path) -> bool:
+    return entry.name in (PREPARE_REPORT, PREPARE_CONFIG) and entry.is_file()
+
+
 def is_image_name(name: str) -> bool:
     return not is_hidden(name) and Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
@@ -90,13 +100,16 @@ def scan_identity_folders(root: Path, subdir: str) -> tuple[list[Sample], list[S
     """All images under ``root/subdir/<identity>/``, sorted; plus every file that is not used.
 
     Files without an image extension, hidden files and stray files at the top level are listed as
-    skipped (never silently dropped). Readability is checked later, when images are decoded.
+    skipped (never silently dropped); `facecls prepare`'s own two files at the top are not data.
+    Readability is checked later, when images are decoded.
     """
     base = root / subdir
     samples: list[Sample] = []
     skipped: list[SkippedFile] = []
     for entry in sorted(base.iterdir(), key=lambda p: p.name):
         rel = f"{subdir}/{entry.name}"
+        if is_prepare_output(entry):
+            continue
         if not entry.is_dir():
             why = not_a_regular_file(entry)
             where = "not inside an identity folder"
@@ -162,6 +175,8 @@ def list_flat_images(folder: Path) -> tuple[list[Path], list[SkippedFile]]:
     images, skipped = [], []
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
         why = None if is_hidden(entry.name) else not_a_regular_file(entry)
+        if is_prepare_output(entry):
+            continue
         if entry.is_dir():
             skipped.append(SkippedFile(entry.name + "/", "folder inside a flat image folder"))
         elif why:
