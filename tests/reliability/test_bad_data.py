@@ -171,7 +171,11 @@ def test_predict_writes_a_row_for_every_image(trained_run, test_folder, tmp_path
     folder, readable, bad = test_folder
     for name in bad:
         (folder / name).unlink()
+    (folder / "notes.txt").write_text("not a face")
+    (folder / "more").mkdir()
     out = tmp_path / "submission.csv"
     result = run_cli("predict", trained_run.run, "--images", folder, "--out", out, "--no-progress")
     assert result.code == 0, result.err
     assert [r["image_name"] for r in _csv(out)] == sorted(readable)
+    # What gets no row is counted and named (the file manager's .DS_Store is not worth a line).
+    assert "2 entries of" in result.err and "more/, notes.txt" in result.err and ".DS_Store" not in result.err

@@ -30,6 +30,7 @@ class PredictSummary:
     rows: int
     skipped: list[str] = field(default_factory=list)
     no_face: list[str] = field(default_factory=list)
+    not_images: list[str] = field(default_factory=list)
 
 
 def report_compile_failure(model: torch.nn.Module, console: Console) -> None:
@@ -117,7 +118,9 @@ def predict_folder(
             raise FaceclsError(f"run {run} has a class named '{UNKNOWN_LABEL}'; --unknown cannot label faces with it")
         threshold = resolve_threshold(loaded, unknown, far, console=console) if env.is_main else None
         open_set = broadcast_object(env, threshold)
-    paths, _ = list_flat_images(images)
+    paths, left_out = list_flat_images(images)
+    # Hidden files (.DS_Store, ._*) are a file manager's, not the user's: not worth a line.
+    not_images = [f.path for f in left_out if f.reason != "hidden file"]
     bad = [paths[i].name for i in unreadable_files(paths)] if env.is_main else None
     bad = broadcast_object(env, bad)  # every process stops, or none
     if bad and not skip_unreadable:
@@ -184,7 +187,7 @@ def predict_folder(
             )
     if not env.is_main:
         return PredictSummary(out, 0)
-    summary = PredictSummary(out, written, skipped, no_face)
+    summary = PredictSummary(out, written, skipped, no_face, not_images)
     if detect:
         report = out.with_name(out.stem + "_detect_report.csv")
         no_face_set, skipped_set = set(no_face), set(skipped)
@@ -202,5 +205,8 @@ def predict_folder(
         )
     if skipped:
         console.warn(f"skipped {len(skipped)} unreadable images: {list_for_error(skipped)}")
+    if not_images:
+        listed = list_for_error(not_images)
+        console.warn(f"{len(not_images)} entries of {images} are not images and have no row: {listed}")
     console.log(f"wrote {written} rows to {out}")
     return summary
