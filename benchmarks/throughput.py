@@ -25,7 +25,14 @@ environment after the other sides of each configuration, with and without ``--to
     python benchmarks/throughput.py --timm-train ../timm/train.py --timm-python ../timmenv/bin/python
 
 Without ``--timm-train`` it runs when ``../timm/train.py`` exists beside the checkout; its column says
-"not run" otherwise, and "n/a" for the models timm does not have (InceptionResNetV1, SFace).
+"not run" otherwise, and "n/a" for the models timm does not have (InceptionResNetV1, SFace). timm's own
+environment, beside the checkout (the same torch as facecls's, timm from its source, no other timm
+dependency changed):
+
+    git clone https://github.com/huggingface/pytorch-image-models ../timm
+    python3 -m venv ../timmenv
+    ../timmenv/bin/pip install torch torchvision pyyaml huggingface_hub safetensors
+    ../timmenv/bin/pip install --no-deps -e ../timm
 """
 
 from __future__ import annotations
