@@ -3,11 +3,12 @@ import sys
 
 import pytest
 
-from facecls.config import RECIPES_DIR, load_recipe, recipe_from_dict, recipe_to_dict
+from facecls.config import load_recipe, recipe_from_dict, recipe_to_dict
 from facecls.core.errors import FaceclsError
 from facecls.models.registry import get_weight_spec
+from facecls.recipes import bundled_recipes
 
-RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+RECIPES = bundled_recipes()
 
 
 @pytest.mark.parametrize("name", RECIPES)

@@ -11,8 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from facecls.config import bundled_recipes
 from facecls.core.errors import FaceclsError, Stopped
+from facecls.recipes import bundled_recipes
 from facecls.runtime.allocator import reexec_with_jemalloc
 from facecls.runtime.machine import available_cpus
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from facecls.core.errors import FaceclsError
+from facecls.recipes import RECIPES_DIR, bundled_recipes
 
 _PLAIN_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
@@ -365,9 +366,6 @@ class Preprocess:
         return cls(int(d["input_size"]), int(d["resize"]), tuple(d["mean"]), tuple(d["std"]))
 
 
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
-
-
 def _check_value(value: Any, hint: Any, where: str) -> Any:
     """Convert ``value`` to the annotated type or raise a ValueError naming ``where``."""
     origin = typing.get_origin(hint)
@@ -466,11 +464,6 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     if bundled.is_file():
         return bundled
     raise FaceclsError(f"recipe '{name_or_path}' not found: give a YAML file or one of: {', '.join(bundled_recipes())}")
-
-
-def bundled_recipes() -> list[str]:
-    """The names of the recipes that come with facecls."""
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
