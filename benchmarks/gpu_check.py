@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = (
         SyntheticSpec(identities=4, images_per_identity=8, test_per_identity=1, size=64)
         if args.tiny
-        else (SyntheticSpec(identities=100, images_per_identity=24, test_per_identity=1, size=224))
+        else SyntheticSpec(identities=100, images_per_identity=24, test_per_identity=1, size=224)
     )
     data = ensure_synthetic_faces(work / "data", spec)
     nccl_failed = False  # checked first: the budget must not leave it out

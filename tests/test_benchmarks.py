@@ -23,24 +23,24 @@ TIMM_LOG = (Path(__file__).resolve().parent / "captured" / "timm_train_resnet50.
 EPOCH_RATES = {0: (6.84, 13.23, 4.77), 1: (4.86, 10.69, 13.43)}
 
 
+def _benchmark_module(name: str):
+    """benchmarks/<name>.py as a module, imported as the scripts import their neighbours (throughput.py
+    imports bench_sides and timm_side): by name, from the benchmarks folder."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
 @pytest.fixture(scope="module")
 def timm_side():
-    spec = importlib.util.spec_from_file_location("facecls_timm_side", ROOT / "benchmarks" / "timm_side.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
+    return _benchmark_module("timm_side")
 
 
 @pytest.fixture(scope="module")
 def throughput():
-    """benchmarks/throughput.py as a module (it imports its neighbours, bench_sides and timm_side)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import throughput
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return throughput
+    return _benchmark_module("throughput")
 
 
 @pytest.fixture
